@@ -1,0 +1,10 @@
+"""Compute kernels for hilum's objectives; no training knowledge, nothing stateful.
+
+Each kernel has a pure-PyTorch reference with the same API. This package shares its import name
+with Hugging Face's ``kernels``; transformers probes that name, so keep this module free of
+side effects and of a ``__version__`` (tests/test_packaging.py checks the probe stays False).
+"""
+
+from kernels.infonce import infonce_loss, infonce_loss_reference
+
+__all__ = ["infonce_loss", "infonce_loss_reference"]

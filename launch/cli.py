@@ -1,0 +1,197 @@
+"""The ``hilum`` command line.
+
+    hilum train --config configs/tiny-clip.yaml [--set optim.lr=3e-4 ...] [--resume]
+    hilum resume RUN_DIR [--set train.max_steps=400 ...]
+    hilum shards phantom --out data/phantom
+    hilum checkpoints RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launch.config import ConfigError, HilumConfig, build_config, dump_config, load_config, parse_yaml, resolve_paths
+
+log = logging.getLogger("hilum.launch")
+
+RESOLVED_CONFIG = "config.yaml"
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field by its dotted name, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--launcher", choices=("ray", "local"), help="shortcut for --set cluster.launcher=…")
+    p.add_argument("--address", help="Ray cluster address (shortcut for --set cluster.address=…); default: embedded local Ray")
+    p.add_argument("--workers", type=int, help="shortcut for --set cluster.num_workers=…")
+
+
+def _shortcuts(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.launcher:
+        extra.append(f"cluster.launcher={args.launcher}")
+    if args.address:
+        extra.append(f"cluster.address={args.address}")
+    if args.workers is not None:
+        extra.append(f"cluster.num_workers={args.workers}")
+    return list(args.overrides) + extra
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hilum", description="Distributed medical vision-language pre-training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a config (validated before any worker starts)",
+                       description="Train a dual encoder from a YAML config. The run directory is run.output_dir/run.name.")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny-clip.yaml")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in run.output_dir/run.name from its latest complete checkpoint (start fresh if it has none)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; start nothing")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", help="continue a run from its latest complete checkpoint",
+                       description="Continue a run from its latest complete checkpoint, with the config saved in RUN_DIR. "
+                                   "--set may change fields such as train.max_steps.")
+    p.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
+    _config_args(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("checkpoints", help="list a run's complete checkpoints")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_checkpoints)
+
+    shards = sub.add_parser("shards", help="build WebDataset shards").add_subparsers(dest="shards_command", required=True)
+    p = shards.add_parser("phantom", help="generate the synthetic chest-radiograph data set (shards, manifests, tokenizer)")
+    p.add_argument("--out", default="data/phantom")
+    p.add_argument("--train", type=int, default=2048, help="training samples")
+    p.add_argument("--test", type=int, default=256, help="held-out samples")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples-per-shard", type=int, default=256)
+    p.set_defaults(func=cmd_phantom)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _launch(cfg: HilumConfig, resume_from: str | None) -> dict[str, Any]:
+    from launch.preflight import preflight
+
+    preflight(cfg)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / RESOLVED_CONFIG)
+    log.info("run directory %s (%s launcher, %d workers)", run_dir, cfg.cluster.launcher, cfg.cluster.num_workers)
+    t0 = time.perf_counter()
+    if cfg.cluster.launcher == "local":
+        from cluster.local import run_local
+
+        result = run_local(cfg, resume_from)
+    else:
+        from cluster.ray_runner import run_ray
+
+        result = run_ray(cfg, resume_from)
+    log.info("finished in %.0fs", time.perf_counter() - t0)
+    eval_file = run_dir / "eval.json"
+    if eval_file.is_file():
+        ev = json.loads(eval_file.read_text())
+        zs = ev.get("zero_shot", {})
+        print(
+            f"hilum: {cfg.run.name} done: zero-shot accuracy {zs.get('accuracy', float('nan')):.3f} "
+            f"(chance {zs.get('chance', float('nan')):.3f}, {zs.get('samples', 0)} held-out samples); "
+            f"results in {eval_file}"
+        )
+    return result
+
+
+def _latest_checkpoint(run_dir: Path) -> str | None:
+    from trainer.checkpoint import latest_complete
+
+    found = latest_complete(run_dir)
+    return str(found.path) if found else None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = resolve_paths(load_config(args.config, _shortcuts(args)))
+    if args.dry_run:
+        from launch.preflight import preflight
+
+        preflight(cfg)
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    resume_from = _latest_checkpoint(cfg.run_dir)
+    if resume_from and not args.resume:
+        raise ConfigError(
+            f"run directory {cfg.run_dir} already has checkpoints (latest {resume_from}); "
+            "pass --resume to continue it, or choose another run.name"
+        )
+    if args.resume and resume_from:
+        log.info("resuming from %s", resume_from)
+    _launch(cfg, resume_from if args.resume else None)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir).resolve()
+    saved = run_dir / RESOLVED_CONFIG
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir} is not a hilum run directory (no {RESOLVED_CONFIG})")
+    cfg = build_config(parse_yaml(saved.read_text()), _shortcuts(args), source=str(saved))
+    if cfg.run_dir.resolve() != run_dir:
+        # The run directory was moved or copied: follow it.
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(run_dir.parent), "name": run_dir.name})})
+    resume_from = _latest_checkpoint(run_dir)
+    if resume_from is None:
+        raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
+    log.info("resuming from %s", resume_from)
+    _launch(resolve_paths(cfg), resume_from)
+    return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import list_complete
+
+    found = list_complete(Path(args.run_dir))
+    if not found:
+        print(f"no complete checkpoints in {args.run_dir}")
+        return 1
+    for c in found:
+        size = sum(f.stat().st_size for f in c.path.rglob("*") if f.is_file())
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.saved_at))
+        print(f"step {c.step:>8}  {size / 2**20:8.1f} MiB  {when}  {c.path}")
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from trainer.data.phantom_dataset import build_phantom_dataset
+
+    t0 = time.perf_counter()
+    manifests = build_phantom_dataset(args.out, args.train, args.test, args.size, args.seed, args.samples_per_shard)
+    for split, m in manifests.items():
+        print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards -> {m.source}")
+    print(f"phantom data set written to {args.out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"hilum: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

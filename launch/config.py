@@ -1,0 +1,326 @@
+"""The one typed configuration schema of a hilum run, loaded from YAML and validated at launch.
+
+Every section is a strict pydantic model: unknown keys, wrong types and out-of-range values are
+refused before any worker starts, and the error names the dotted field (``optim.lr``) and the
+reason. Objective terms are registered in :mod:`trainer.objectives`; their config classes join the
+schema through that registry, so a new term needs no edit here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.objectives import objective_config_types
+
+
+class ConfigError(ValueError):
+    """A configuration was refused; the message names every offending field."""
+
+
+class _Section(BaseModel):
+    # strict: a string never silently becomes a number; ints are still accepted for floats.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class RunSection(_Section):
+    name: str = Field("hilum", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: str = "runs"
+    seed: int = Field(0, ge=0)
+
+
+class AugmentSection(_Section):
+    # No horizontal flip: reports say "left" and "right", and flipping would make them lie.
+    crop_scale_min: float = Field(0.8, gt=0.0, le=1.0)
+    brightness: float = Field(0.1, ge=0.0, le=1.0)
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class DataSection(_Section):
+    train_manifest: str = "data/phantom/train.json"
+    eval_manifest: str | None = "data/phantom/test.json"
+    image_size: int = Field(64, ge=16, le=2048)
+    in_chans: Literal[1, 3] = 1
+    batch_size: int = Field(32, ge=1, description="samples per rank per step (micro-batch)")
+    num_workers: int = Field(1, ge=0, le=64)
+    shuffle_buffer: int = Field(256, ge=0)
+    context_length: int = Field(64, ge=8, le=4096)
+    text: Literal["report", "findings", "impression"] = "report"
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+
+
+class ImageTowerSection(_Section):
+    model: str = "vit_tiny_patch16_224"
+    # Passed to timm.create_model, e.g. {img_size: 64, patch_size: 8, depth: 4}.
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="local file with the tower's weights (.pth or .safetensors)")
+
+
+class TextTowerSection(_Section):
+    tokenizer: str = Field("data/phantom/tokenizer", description="local tokenizer directory")
+    pretrained: str | None = Field(None, description="local transformers model directory; None builds from `config`")
+    # transformers BertConfig fields for a randomly initialised tower (vocab_size comes from the tokenizer).
+    config: dict[str, Any] = Field(default_factory=dict)
+    pooling: Literal["cls", "mean"] = "mean"
+    freeze: bool = False
+
+
+class ModelSection(_Section):
+    embed_dim: int = Field(128, ge=1)
+    image: ImageTowerSection = Field(default_factory=ImageTowerSection)
+    text: TextTowerSection = Field(default_factory=TextTowerSection)
+    init_temperature: float = Field(0.07, gt=0.0, le=1.0)
+    max_logit_scale: float = Field(100.0, gt=1.0)
+
+
+class OptimSection(_Section):
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(default_factory=lambda: [0.9, 0.98], min_length=2, max_length=2)
+    eps: float = Field(1e-6, gt=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(3, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 on CPU"
+    )
+
+
+class ClusterSection(_Section):
+    launcher: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray Train TorchTrainer; local: one process per worker on this node, no Ray"
+    )
+    num_workers: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    address: str | None = Field(None, description="Ray cluster address; None starts an embedded local Ray")
+
+
+class MonitoringSection(_Section):
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9400, ge=0, le=65535, description="rank r on node uses port + local_rank; 0: any free port")
+    enabled: bool = True
+
+
+class ZeroShotSection(_Section):
+    # class name -> prompts (ensembled); None uses the phantom data set's classes and prompts.
+    prompts: dict[str, list[str]] | None = None
+
+
+class EvalSection(_Section):
+    at_end: bool = True
+    every_steps: int = Field(0, ge=0, description="0: only at the end")
+    batch_size: int = Field(128, ge=1)
+    max_samples: int = Field(0, ge=0, description="0: the whole eval manifest")
+    zero_shot: ZeroShotSection = Field(default_factory=ZeroShotSection)
+
+
+def _objective_term_type() -> Any:
+    types = objective_config_types()
+    if len(types) == 1:
+        return types[0]
+    return Annotated[Union[tuple(types)], Field(discriminator="name")]
+
+
+ObjectiveTerm = _objective_term_type()
+
+
+class HilumConfig(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    objectives: list[ObjectiveTerm] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [{"name": "clip"}], min_length=1
+    )
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    monitoring: MonitoringSection = Field(default_factory=MonitoringSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _check_objectives(self) -> "HilumConfig":
+        names = [term.name for term in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective names must be unique, got {names}")
+        if sum(term.weight for term in self.objectives) <= 0:
+            raise ValueError("at least one objective needs a weight > 0")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the math; a resumed run warns if it differs."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML loading: PyYAML follows YAML 1.1, where "3e-4" is a string. Users write learning rates that
+# way, so the loader also resolves exponent floats without a dot.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {assignment!r}: empty key in {dotted!r}")
+    node: Any = tree
+    for depth, key in enumerate(keys[:-1]):
+        where = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"--set {assignment!r}: {where} is not an index of a {len(node)}-item list")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {assignment!r}: {where} holds a value, not a section")
+    value = parse_yaml(raw) if raw.strip() else ""
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {assignment!r}: {dotted} is not an index of a {len(node)}-item list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _suggest(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    """'did you mean' for a misspelled key, from the fields of the section it sits in."""
+    model: Any = HilumConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    fields = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in _DISCRIMINATED_TAGS))
+        field = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key{_suggest(loc, raw)}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            lines.append(f"  {field}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+_DISCRIMINATED_TAGS = {tag for t in objective_config_types() for tag in get_args(t.model_fields["name"].annotation)}
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; lists and values in ``update`` replace those in ``base``."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in _OPAQUE_DICTS:
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+# Free-form mappings whose keys belong to another library: a file's value replaces the default.
+_OPAQUE_DICTS = {"kwargs", "config", "prompts"}
+
+
+def build_config(raw: dict[str, Any] | None, overrides: list[str] = (), source: str = "<dict>") -> HilumConfig:
+    if not isinstance(raw or {}, dict):
+        raise ConfigError(f"invalid configuration ({source}): the top level must be a mapping")
+    # Overrides land on the defaults merged with the file, so `--set objectives.0.weight=2` works
+    # whether or not the file lists objectives.
+    tree = _merge(HilumConfig().to_dict(), json.loads(json.dumps(raw or {})))
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    try:
+        return HilumConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, tree, source)) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] = ()) -> HilumConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate. Raises ConfigError naming fields."""
+    path = Path(path)
+    try:
+        raw = parse_yaml(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid configuration ({path}): the top level must be a mapping")
+    return build_config(raw, overrides, source=str(path))
+
+
+def resolve_paths(cfg: HilumConfig, base: Path | None = None) -> HilumConfig:
+    """Make every local path absolute: Ray workers run in another working directory.
+
+    URLs with a scheme (``s3://``, ``gs://``, ``http://``) are left as they are.
+    """
+    base = Path(base or os.getcwd())
+
+    def fix(p: str | None) -> str | None:
+        if p is None or "://" in p or os.path.isabs(p):
+            return p
+        return str((base / p).resolve())
+
+    data = cfg.data.model_copy(update={"train_manifest": fix(cfg.data.train_manifest), "eval_manifest": fix(cfg.data.eval_manifest)})
+    text = cfg.model.text.model_copy(update={"tokenizer": fix(cfg.model.text.tokenizer), "pretrained": fix(cfg.model.text.pretrained)})
+    image = cfg.model.image.model_copy(update={"weights": fix(cfg.model.image.weights)})
+    model = cfg.model.model_copy(update={"text": text, "image": image})
+    run = cfg.run.model_copy(update={"output_dir": fix(cfg.run.output_dir)})
+    return cfg.model_copy(update={"data": data, "model": model, "run": run})
+
+
+def dump_config(cfg: HilumConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

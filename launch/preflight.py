@@ -1,0 +1,76 @@
+"""Checks that run in the launching process, before any worker starts.
+
+A cluster job that dies after scheduling, image pulls and a DeepSpeed build because a path was
+mistyped wastes the most expensive minutes of a run; every check here is cheap and local.
+The model is built on the ``meta`` device, so even a large configuration costs no memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from launch.config import ConfigError, HilumConfig
+from trainer.data.shards import load_manifest
+from trainer.data.stream import StreamSpec, slot_size
+
+
+def preflight(cfg: HilumConfig) -> None:
+    """Raise ConfigError naming the field of the first problem found."""
+    problems = []
+    manifests = {}
+    for field in ("train_manifest", "eval_manifest"):
+        url = getattr(cfg.data, field)
+        if url is None or (field == "eval_manifest" and not (cfg.eval.at_end or cfg.eval.every_steps)):
+            continue
+        try:
+            manifests[field] = load_manifest(url)
+        except (OSError, ValueError) as err:
+            problems.append(f"data.{field}: {err}")
+    if "train_manifest" in manifests:
+        spec = StreamSpec(cfg.data.batch_size, cfg.cluster.num_workers, cfg.data.num_workers)
+        try:
+            slot_size(manifests["train_manifest"], spec)
+        except ValueError as err:
+            problems.append(f"data.train_manifest: {err}")
+    if cfg.model.text.pretrained and not os.path.isdir(cfg.model.text.pretrained):
+        problems.append(f"model.text.pretrained: {cfg.model.text.pretrained} is not a local directory")
+    if cfg.model.image.weights and not os.path.isfile(cfg.model.image.weights):
+        problems.append(f"model.image.weights: {cfg.model.image.weights} is not a file")
+    if cfg.cluster.device == "cuda" and cfg.cluster.launcher == "local" and not torch.cuda.is_available():
+        problems.append("cluster.device: 'cuda' requested but no CUDA device is visible here")
+    if problems:
+        raise ConfigError("refusing to start:\n  " + "\n  ".join(problems))
+    try:
+        from trainer.data.text import load_tokenizer
+
+        vocab = len(load_tokenizer(cfg.model.text.tokenizer))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"refusing to start:\n  model.text.tokenizer: {err}") from None
+    _check_model(cfg, vocab)
+
+
+def _check_model(cfg: HilumConfig, vocab: int) -> None:
+    """Build the model on the meta device and push a fake batch through it."""
+    from trainer.models.dual_encoder import build_model
+
+    d = cfg.data
+    weights, cfg_model = cfg.model.image.weights, cfg.model
+    if weights or cfg.model.text.pretrained:
+        # Files are checked above; loading real weights is the workers' job.
+        cfg_model = cfg.model.model_copy(
+            update={"image": cfg.model.image.model_copy(update={"weights": None})}
+        )
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg_model, d.in_chans, vocab)
+            out = model(
+                torch.zeros(2, d.in_chans, d.image_size, d.image_size),
+                torch.zeros(2, d.context_length, dtype=torch.long),
+                torch.ones(2, d.context_length, dtype=torch.long),
+            )
+    except (ValueError, TypeError, RuntimeError, AssertionError) as err:
+        raise ConfigError(f"refusing to start:\n  model: cannot build or run the configured model: {err}") from None
+    if out.image.shape != out.text.shape:
+        raise ConfigError(f"refusing to start:\n  model: image and text embeddings differ: {tuple(out.image.shape)} vs {tuple(out.text.shape)}")

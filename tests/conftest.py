@@ -1,0 +1,77 @@
+"""Shared fixtures. Tests build everything they need: tiny models, generated shards, no downloads."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+HILUM = [sys.executable, "-m", "launch.cli"]
+
+
+def png_bytes(rng: np.random.Generator, size: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def simple_samples(n: int, prefix: str = "s", seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        yield {
+            "__key__": f"{prefix}{i:05d}",
+            "png": png_bytes(rng),
+            "json": {"findings": f"finding number {i}.", "impression": f"impression {i}.", "labels": {}},
+        }
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """A small phantom data set (shards, manifests, tokenizer) shared by the end-to-end tests."""
+    from trainer.data.phantom_dataset import build_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantom")
+    build_phantom_dataset(str(out), n_train=256, n_test=64, size=64, seed=0, samples_per_shard=64)
+    return out
+
+
+def tiny_config(phantom_dir: Path, run_root: Path, **sections) -> dict:
+    """The tiny-clip config shrunk for tests, pointing at a phantom data set."""
+    from launch.config import parse_yaml
+
+    raw = parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text())
+    raw["run"].update(output_dir=str(run_root), name="t")
+    raw["data"].update(
+        train_manifest=str(phantom_dir / "train.json"),
+        eval_manifest=str(phantom_dir / "test.json"),
+        batch_size=8,
+        num_workers=0,
+        shuffle_buffer=16,
+        context_length=64,
+    )
+    raw["model"]["text"]["tokenizer"] = str(phantom_dir / "tokenizer")
+    raw["model"]["image"]["kwargs"].update(depth=1)
+    raw["model"]["text"]["config"].update(num_hidden_layers=1)
+    raw["train"].update(max_steps=6, log_every=2, checkpoint_every=3)
+    raw["monitoring"].update(metrics_port=0)
+    raw["eval"].update(batch_size=32)
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return raw
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return path

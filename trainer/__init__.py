@@ -1,0 +1,1 @@
+"""One hilum worker: data stream, models, objectives, the DeepSpeed engine and the step loop."""

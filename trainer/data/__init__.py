@@ -1,0 +1,1 @@
+"""Data: the phantom generator, shard writing and the WebDataset stream."""

@@ -1,0 +1,375 @@
+"""The training stream: manifest → per-(rank, loader worker) slice → decode → augment → tokenize → batch.
+
+Why not webdataset's own pipeline end to end: its node/worker splitters work per shard (so ranks
+see unequal sample counts and distributed steps fall out of step), it has no notion of a
+position to resume from, and it opens no ``s3://`` URL. We keep webdataset for what it does well
+(tar parsing and grouping files into samples) and plan the epoch ourselves:
+
+* The epoch's global sample order is the shards in a (seed, epoch)-seeded permutation.
+* That order is cut into ``world_size × num_workers`` equal contiguous slots; slot
+  ``rank * num_workers + worker`` belongs to one loader worker of one rank. Every slot yields
+  the same number of equal-sized batches, so ranks stay in lockstep, and a sample belongs to
+  exactly one slot per epoch (the remainder of ``N / slots``, fewer than ``slots`` samples, waits
+  for the next epoch's permutation).
+* Inside a slot samples pass a seeded shuffle buffer; augmentation draws from a generator seeded
+  by the sample's position, so the stream is a pure function of (seed, epoch, slot, position).
+* PyTorch's DataLoader hands out workers' batches round-robin, so a rank's batch ``k`` came from
+  worker ``k % num_workers``. Each batch carries its worker's raw position; a resumed stream
+  skips each worker to its recorded position before decoding anything.
+
+Corrupt samples are skipped, counted by reason, and named in the log; a slot that comes up
+short refills from its own beginning so batch shapes never differ between ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms.v2 import functional as TF
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from trainer.data.shards import Manifest
+
+log = logging.getLogger("hilum.data")
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+# Mean/std of 8-bit radiographs mapped to [0, 1]; a fixed affine map, not a data statistic.
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+
+
+@dataclass
+class StreamPosition:
+    """Where a rank stands in the stream: epoch, batches consumed, and each worker's raw offset."""
+
+    epoch: int = 0
+    batch: int = 0
+    worker_offsets: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "worker_offsets": list(self.worker_offsets)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StreamPosition":
+        return cls(int(d["epoch"]), int(d["batch"]), [int(x) for x in d.get("worker_offsets", [])])
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything that defines the stream; identical on every rank."""
+
+    batch_size: int
+    world_size: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 256
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.num_workers)
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.workers
+
+
+def epoch_order(manifest: Manifest, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    order = list(range(len(manifest.shards)))
+    if shuffle:
+        random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def slot_size(manifest: Manifest, spec: StreamSpec) -> int:
+    per = manifest.num_samples // spec.slots
+    if per == 0:
+        raise ValueError(
+            f"{manifest.source}: {manifest.num_samples} samples cannot feed {spec.slots} slots "
+            f"({spec.world_size} ranks × {spec.workers} loader workers)"
+        )
+    return per
+
+
+def batches_per_worker(manifest: Manifest, spec: StreamSpec) -> int:
+    return -(-slot_size(manifest, spec) // spec.batch_size)
+
+
+def batches_per_epoch(manifest: Manifest, spec: StreamSpec) -> int:
+    """Batches one rank draws in one epoch (all its loader workers together)."""
+    return batches_per_worker(manifest, spec) * spec.workers
+
+
+def _batch_sizes(per: int, batch_size: int) -> list[int]:
+    n = -(-per // batch_size)
+    return [batch_size] * (n - 1) + [per - (n - 1) * batch_size]
+
+
+def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    return fsspec.open(url, "rb", **(storage_options or {})).open()
+
+
+def iter_raw_samples(
+    manifest: Manifest,
+    order: Sequence[int],
+    start: int,
+    stop: int,
+    on_error: Callable[[str, Exception], None],
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Raw samples (bytes per extension) of the global order's range [start, stop)."""
+    offset = 0
+    for idx in order:
+        shard = manifest.shards[idx]
+        lo, hi = offset, offset + shard.num_samples
+        offset = hi
+        if hi <= start or lo >= stop:
+            continue
+        position = lo
+        try:
+            stream = open_shard(shard.url, storage_options)
+        except Exception as err:  # noqa: BLE001 - a missing shard is counted, not fatal
+            on_error(f"shard {shard.url}", err)
+            continue
+        try:
+            files = tar_file_expander([{"url": shard.url, "stream": stream}], handler=_reraise)
+            for sample in group_by_keys(files, handler=_reraise):
+                if position >= stop:
+                    break
+                if position >= start:
+                    yield sample
+                position += 1
+        except Exception as err:  # noqa: BLE001 - a truncated shard loses its tail, not the run
+            on_error(f"shard {shard.url} after sample {position - lo}", err)
+        finally:
+            stream.close()
+
+
+def _reraise(exn: Exception) -> bool:
+    raise exn
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding and augmentation
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``reason`` is the counter it is tallied under."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def report_text(meta: dict[str, Any], which: str) -> str:
+    findings = str(meta.get("findings") or "").strip()
+    impression = str(meta.get("impression") or "").strip()
+    if which == "findings":
+        return findings
+    if which == "impression":
+        return impression
+    parts = []
+    if findings:
+        parts.append(f"FINDINGS: {findings}")
+    if impression:
+        parts.append(f"IMPRESSION: {impression}")
+    return " ".join(parts)
+
+
+def decode_image(data: bytes, in_chans: int) -> torch.Tensor:
+    """PNG/JPEG bytes → float tensor (C, H, W) in [0, 1]; 16-bit grayscale keeps its range."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float32)
+            top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+            x = torch.from_numpy(arr / top)[None]
+        else:
+            arr = np.asarray(im.convert("L"), dtype=np.float32)
+            x = torch.from_numpy(arr / 255.0)[None]
+    return x.expand(in_chans, -1, -1).contiguous() if in_chans == 3 else x
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Turns one raw sample into (image tensor, text, metadata)."""
+
+    image_size: int
+    in_chans: int = 1
+    text: str = "report"
+    augment: bool = False
+    crop_scale_min: float = 0.8
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+    def __call__(self, raw: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, str, dict[str, Any]]:
+        key = raw.get("__key__", "?")
+        ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+        if ext is None:
+            raise SampleError("missing_image", f"sample {key}: no {'/'.join(IMAGE_EXTENSIONS)} file")
+        if "json" not in raw:
+            raise SampleError("missing_json", f"sample {key}: no json file")
+        try:
+            meta = json.loads(raw["json"])
+        except (ValueError, UnicodeDecodeError) as err:
+            raise SampleError("bad_json", f"sample {key}: {err}") from None
+        if not isinstance(meta, dict):
+            raise SampleError("bad_json", f"sample {key}: json is not an object")
+        text = report_text(meta, self.text)
+        if not text:
+            raise SampleError("empty_report", f"sample {key}: no {self.text} text")
+        try:
+            image = decode_image(raw[ext], self.in_chans)
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
+            raise SampleError("bad_image", f"sample {key}: {type(err).__name__}: {err}") from None
+        image = self._transform(image, gen)
+        meta["__key__"] = key
+        return image, text, meta
+
+    def _transform(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        size = [self.image_size, self.image_size]
+        if self.augment:
+            # No horizontal flip: reports name sides. Crop parameters come from the sample's own
+            # generator so a replayed stream augments identically.
+            _, h, w = image.shape
+            u = torch.rand(5, generator=gen).tolist()
+            scale = self.crop_scale_min + (1.0 - self.crop_scale_min) * u[0]
+            side = max(1, int(round((scale * h * w) ** 0.5)))
+            ch, cw = min(side, h), min(side, w)
+            top, left = int(u[1] * (h - ch + 1)), int(u[2] * (w - cw + 1))
+            image = TF.resized_crop(image, top, left, ch, cw, size, antialias=True)
+            if self.brightness:
+                image = TF.adjust_brightness(image, 1.0 + self.brightness * (2 * u[3] - 1))
+            if self.contrast:
+                image = TF.adjust_contrast(image, 1.0 + self.contrast * (2 * u[4] - 1))
+            image = image.clamp(0.0, 1.0)
+        else:
+            image = TF.resize(image, size, antialias=True)
+        return (image - PIXEL_MEAN) / PIXEL_STD
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class ShardStream(IterableDataset):
+    """One rank's share of one epoch, as batches; see the module docstring for the plan."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        spec: StreamSpec,
+        preprocess: Preprocess,
+        tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+        rank: int = 0,
+        position: StreamPosition | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.manifest, self.spec, self.preprocess, self.tokenize = manifest, spec, preprocess, tokenize
+        self.rank = rank
+        self.position = position or StreamPosition()
+        self.storage_options = storage_options
+        slot_size(manifest, spec)  # refuse an impossible split now, not inside a worker
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.manifest, self.spec) - self.position.batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.spec.workers:
+            raise RuntimeError(f"stream planned for {self.spec.workers} loader workers, got {info.num_workers}")
+        yield from self._worker_batches(worker)
+
+    def _worker_batches(self, worker: int) -> Iterator[dict[str, Any]]:
+        spec, pos = self.spec, self.position
+        per = slot_size(self.manifest, spec)
+        slot = self.rank * spec.workers + worker
+        sizes = _batch_sizes(per, spec.batch_size)
+        first = len(range(worker, pos.batch, spec.workers))  # this worker's batches already consumed
+        offset = pos.worker_offsets[worker] if worker < len(pos.worker_offsets) else sum(sizes[:first])
+        order = epoch_order(self.manifest, spec.seed, pos.epoch, spec.shuffle)
+        raw = self._raw(order, slot * per, (slot + 1) * per, slot)
+
+        skipped: Counter[str] = Counter()
+        position = 0
+        for index in range(first, len(sizes)):
+            images, texts, metas = [], [], []
+            while len(images) < sizes[index]:
+                sample = next(raw)
+                position += 1
+                if position <= offset:
+                    continue  # resumed: consumed before the checkpoint
+                gen = torch.Generator().manual_seed(hash((spec.seed, pos.epoch, slot, position)) & 0x7FFF_FFFF_FFFF)
+                try:
+                    image, text, meta = self.preprocess(sample, gen)
+                except SampleError as err:
+                    skipped[err.reason] += 1
+                    log.warning("skipping corrupt sample (%s): %s", err.reason, err)
+                    continue
+                images.append(image)
+                texts.append(text)
+                metas.append(meta)
+            batch: dict[str, Any] = {
+                "image": torch.stack(images),
+                **self.tokenize(texts),
+                "text": texts,
+                "meta": metas,
+                "_worker": worker,
+                "_offset": position,
+                "_index": index * spec.workers + worker,
+                "_skipped": dict(skipped),
+            }
+            skipped.clear()
+            yield batch
+
+    def _raw(self, order: list[int], start: int, stop: int, slot: int) -> Iterator[dict[str, Any]]:
+        """The slot's raw samples through a seeded shuffle buffer, cycling if it comes up short."""
+
+        def on_error(where: str, err: Exception) -> None:
+            log.warning("data read error in %s: %s: %s", where, type(err).__name__, err)
+
+        rng = random.Random(f"samples:{self.spec.seed}:{self.position.epoch}:{slot}")
+        passes = 0
+        while True:
+            produced = 0
+            buffer: list[dict[str, Any]] = []
+            for sample in iter_raw_samples(self.manifest, order, start, stop, on_error, self.storage_options):
+                if not self.spec.shuffle or self.spec.shuffle_buffer <= 1:
+                    produced += 1
+                    yield sample
+                    continue
+                buffer.append(sample)
+                if len(buffer) >= self.spec.shuffle_buffer:
+                    produced += 1
+                    yield buffer.pop(rng.randrange(len(buffer)))
+            while buffer:
+                produced += 1
+                yield buffer.pop(rng.randrange(len(buffer)))
+            passes += 1
+            if produced == 0 or passes > 3:
+                raise RuntimeError(f"slot {slot} of {self.manifest.source} yields no usable samples")
+            log.warning("slot %d of %s came up short; refilling from its start", slot, self.manifest.source)
+
+
+def make_loader(dataset: ShardStream) -> DataLoader:
+    """DataLoader over an already-batched stream; workers alternate batches round-robin."""
+    workers = dataset.spec.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=2 if workers else None,
+        multiprocessing_context="spawn" if workers else None,
+    )

@@ -1,0 +1,81 @@
+"""Tokenizers: a picklable wrapper for loader workers, and a WordPiece trainer for generated corpora."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class Tokenize:
+    """Batch tokenizer loaded lazily from a local directory (so it pickles into spawned workers).
+
+    Nothing is downloaded: transformers is told the hub is offline.
+    """
+
+    def __init__(self, path: str, context_length: int) -> None:
+        self.path, self.context_length = path, context_length
+        self._tok = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "context_length": self.context_length, "_tok": None}
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        if self._tok is None:
+            self._tok = load_tokenizer(self.path)
+        return self._tok
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def load_tokenizer(path: str):  # noqa: ANN201 - a transformers tokenizer
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"model.text.tokenizer: {path} is not a directory (generate phantom data with "
+            "`hilum shards phantom`, or point it at a local tokenizer directory)"
+        )
+    return AutoTokenizer.from_pretrained(path)
+
+
+def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int = 2000) -> None:
+    """Train a lower-cased BERT-style WordPiece tokenizer on ``texts`` and save it for AutoTokenizer.
+
+    For data sets generated here (the phantom corpus), whose vocabulary no pretrained tokenizer
+    was built for; real corpora use the tokenizer of their pretrained text tower.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(out_dir)

@@ -1,0 +1,87 @@
+"""The DeepSpeed engine: ZeRO stage, optimizer, schedule and precision from the hilum config."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # the schema belongs to launch/, which trainer/ never imports at run time
+    from launch.config import HilumConfig
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("cluster.device is 'cuda' but no CUDA device is visible")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def prepare_deepspeed_env(device_type: str) -> None:
+    """Must run before deepspeed is imported: it picks its accelerator at import time."""
+    if device_type == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def deepspeed_config(cfg: "HilumConfig", world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    o, t = cfg.optim, cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world_size,
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: DeepSpeed's fused Adam would JIT-build a C++/CUDA op; torch's is as fast here.
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay, "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": t.max_steps,
+                "warmup_num_steps": min(o.warmup_steps, max(t.max_steps - 1, 0)),
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": 0.01,
+                "warmup_type": "linear",
+            },
+        },
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: gains, biases and the temperature keep their scale (as open_clip does)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, cfg: "HilumConfig", world_size: int, device: torch.device, dtype: torch.dtype):  # noqa: ANN201
+    prepare_deepspeed_env(device.type)
+    import deepspeed
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=deepspeed_config(cfg, world_size, dtype),
+    )
+    return engine

@@ -1,0 +1,240 @@
+"""One worker's training loop. It needs an initialised process group (or none for one process),
+not Ray: Ray Train, the local launcher and torchrun all end up calling :func:`train`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from trainer import checkpoint
+from trainer.checkpoint import TrainState
+from trainer.data.shards import load_manifest
+from trainer.data.stream import Preprocess, ShardStream, StreamPosition, StreamSpec, batches_per_epoch, make_loader
+from trainer.data.text import Tokenize
+from trainer.distributed import WorkerInfo, all_reduce_mean, gather_with_grad, worker_info
+from trainer.engine import build_engine, pick_device, pick_dtype
+from trainer.evaluate import evaluate
+from trainer.models.dual_encoder import build_model
+from trainer.objectives import ObjectiveInputs, build_objectives
+
+if TYPE_CHECKING:
+    from launch.config import HilumConfig
+
+log = logging.getLogger("hilum")
+
+# Called on every rank at each log step with that step's metrics (Ray Train's report, for one).
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def setup_logging(info: WorkerInfo) -> None:
+    level = logging.INFO if info.is_main else logging.WARNING
+    fmt = f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Worker:
+    """What the loop holds for one rank; built once by :func:`build_worker`."""
+
+    cfg: "HilumConfig"
+    info: WorkerInfo
+    device: torch.device
+    dtype: torch.dtype
+    engine: Any
+    objectives: torch.nn.ModuleDict
+    tokenize: Tokenize
+    train_preprocess: Preprocess
+    eval_preprocess: Preprocess
+    metrics: Any  # monitoring.WorkerMetrics or None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+
+def build_worker(cfg: "HilumConfig") -> Worker:
+    info = worker_info()
+    setup_logging(info)
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    device = pick_device(cfg.cluster.device, info.local_rank)
+    dtype = pick_dtype(cfg.train.precision, device)
+    tokenize = Tokenize(cfg.model.text.tokenizer, cfg.data.context_length)
+    model = build_model(cfg.model, cfg.data.in_chans, len(tokenize.tokenizer))
+    engine = build_engine(model, cfg, info.world_size, device, dtype)
+    seed_everything(cfg.run.seed + 1000 * info.rank)  # per-rank randomness from here on
+    d, a = cfg.data, cfg.data.augment
+    train_pre = Preprocess(d.image_size, d.in_chans, d.text, True, a.crop_scale_min, a.brightness, a.contrast)
+    eval_pre = Preprocess(d.image_size, d.in_chans, d.text, False)
+    metrics = None
+    if cfg.monitoring.enabled:
+        from monitoring import WorkerMetrics
+
+        metrics = WorkerMetrics(cfg.run.name, info.rank, info.node)
+        url = metrics.serve(cfg.monitoring.metrics_host, cfg.monitoring.metrics_port, info.local_rank)
+        metrics.write_target(cfg.run_dir / "metrics_targets")
+        log.info("metrics at %s", url)
+    objectives = build_objectives(cfg.objectives).to(device)
+    return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics)
+
+
+def train_step(w: Worker, batch: dict[str, Any]) -> dict[str, float]:
+    """Forward, weighted objective terms, backward, optimizer step. Returns each term's value."""
+    out = w.engine(
+        batch["image"].to(w.device, w.dtype),
+        batch["input_ids"].to(w.device),
+        batch["attention_mask"].to(w.device),
+    )
+    inputs = ObjectiveInputs(out.image.float(), out.text.float(), out.logit_scale.float(), gather=gather_with_grad)
+    terms = {term.name: w.objectives[term.name](inputs) for term in w.cfg.objectives}
+    total = sum(term.weight * terms[term.name] for term in w.cfg.objectives)
+    w.engine.backward(total)
+    w.engine.step()
+    values = {name: float(v.detach()) for name, v in terms.items()}
+    values["loss"] = float(total.detach())
+    values["logit_scale"] = float(out.logit_scale.detach().exp())
+    return values
+
+
+def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
+    cfg = w.cfg
+    if not cfg.data.eval_manifest:
+        return None
+    prompts = cfg.eval.zero_shot.prompts
+    if prompts is None:
+        from trainer.data.phantom import ZERO_SHOT_PROMPTS
+
+        prompts = ZERO_SHOT_PROMPTS
+    t0 = time.perf_counter()
+    result = evaluate(
+        w.engine.module,
+        load_manifest(cfg.data.eval_manifest),
+        w.eval_preprocess,
+        w.tokenize,
+        prompts,
+        cfg.eval.batch_size,
+        w.device,
+        w.dtype,
+        cfg.eval.max_samples,
+    )
+    result["step"] = step
+    if w.info.is_main:
+        zs, rt = result["zero_shot"], result["retrieval"]
+        log.info(
+            "eval step %d | zero-shot acc %.3f (balanced %.3f, chance %.3f, n=%d) | i2t R@1 %.3f R@5 %.3f | t2i R@1 %.3f R@5 %.3f | %.1fs",
+            step, zs.get("accuracy", float("nan")), zs.get("balanced_accuracy", float("nan")), zs.get("chance", float("nan")),
+            zs.get("samples", 0), rt["image_to_text_R@1"], rt["image_to_text_R@5"], rt["text_to_image_R@1"],
+            rt["text_to_image_R@5"], time.perf_counter() - t0,
+        )
+        (w.run_dir / f"eval_step_{step:08d}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def save_checkpoint(w: Worker, state: TrainState) -> None:
+    t0 = time.perf_counter()
+    path = checkpoint.save(
+        w.engine, w.run_dir, state, w.info.rank, w.info.world_size, w.cfg.fingerprint(), w.cfg.train.keep_checkpoints
+    )
+    seconds = time.perf_counter() - t0
+    if w.metrics:
+        w.metrics.checkpoint_seconds.labels(**w.metrics.labels).set(seconds)
+    log.info("checkpoint %s saved in %.1fs", path, seconds)
+
+
+def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter | None = None) -> dict[str, Any]:
+    """Train on this rank until ``train.max_steps``; returns the final metrics (eval included)."""
+    w = build_worker(cfg)
+    state = TrainState()
+    if resume_from:
+        state = checkpoint.load(w.engine, Path(resume_from), w.info.rank, w.info.world_size)
+        log.info("resumed from %s: continuing at step %d (epoch %d, batch %d)",
+                 resume_from, state.step + 1, state.position.epoch, state.position.batch)
+
+    manifest = load_manifest(cfg.data.train_manifest)
+    spec = StreamSpec(cfg.data.batch_size, w.info.world_size, cfg.data.num_workers, cfg.run.seed, True, cfg.data.shuffle_buffer)
+    steps_per_epoch = batches_per_epoch(manifest, spec)
+    log.info("training %s: %d workers, ZeRO stage %d, %s/%s, %d samples, %d steps per epoch, %d steps",
+             cfg.run.name, w.info.world_size, cfg.train.zero_stage, w.device.type, str(w.dtype).split(".")[-1],
+             manifest.num_samples, steps_per_epoch, cfg.train.max_steps)
+
+    last: dict[str, Any] = {}
+    window_start, window_samples = time.perf_counter(), 0
+    saved_at = state.step
+    while state.step < cfg.train.max_steps:
+        stream = ShardStream(manifest, spec, w.train_preprocess, w.tokenize, w.info.rank, state.position)
+        t_data = time.perf_counter()
+        for batch in make_loader(stream):
+            t_step = time.perf_counter()
+            values = train_step(w, batch)
+            state.step += 1
+            state.position.batch += 1
+            offsets = state.position.worker_offsets
+            offsets.extend([0] * (spec.workers - len(offsets)))
+            offsets[batch["_worker"]] = batch["_offset"]
+            now = time.perf_counter()
+            samples = len(batch["text"])
+            window_samples += samples
+            if w.metrics:
+                w.metrics.observe_step(state.step, samples, now - t_data, t_step - t_data,
+                                       {k: v for k, v in values.items() if k != "logit_scale"},
+                                       values["logit_scale"], batch["_skipped"])
+
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                elapsed = now - window_start
+                rank_rate = window_samples / elapsed if elapsed > 0 else 0.0
+                loss = all_reduce_mean(values["loss"], w.device)
+                last = {"step": state.step, "epoch": state.position.epoch, "loss": loss,
+                        "samples_per_second": rank_rate * w.info.world_size,
+                        "lr": w.engine.get_lr()[0], **{k: v for k, v in values.items() if k != "loss"}}
+                if w.info.is_main:
+                    terms = " ".join(f"{t.name} {values[t.name]:.4f}" for t in cfg.objectives)
+                    log.info("step %d/%d | loss %.4f | %s | %.0f samples/s | step %.3fs (data %.3fs) | lr %.2e | scale %.1f",
+                             state.step, cfg.train.max_steps, loss, terms, last["samples_per_second"],
+                             now - t_data, t_step - t_data, last["lr"], values["logit_scale"])
+                    with open(w.run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                if report:
+                    report(last)
+                window_start, window_samples = time.perf_counter(), 0
+
+            every = cfg.train.checkpoint_every
+            if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
+                save_checkpoint(w, state)
+                saved_at = state.step
+            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.max_steps:
+                run_eval(w, state.step)
+            if state.step >= cfg.train.max_steps:
+                break
+            t_data = time.perf_counter()
+        else:
+            state.position = StreamPosition(epoch=state.position.epoch + 1)
+            continue
+        break
+
+    if saved_at != state.step:
+        save_checkpoint(w, state)
+    result = {"train": last}
+    if cfg.eval.at_end:
+        ev = run_eval(w, state.step)
+        if ev is not None:
+            result["eval"] = ev
+            if w.info.is_main:
+                (w.run_dir / "eval.json").write_text(json.dumps(ev, indent=1))
+    if w.metrics:
+        w.metrics.close()
+    return result

@@ -1,0 +1,1 @@
+"""Models: image tower (timm), text tower (transformers), projections and temperature."""
