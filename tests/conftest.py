@@ -57,7 +57,7 @@ def tiny_config(phantom_dir: Path, run_root: Path, **sections) -> dict:
         batch_size=8,
         num_workers=0,
         shuffle_buffer=16,
-        context_length=64,
+        context_length=32,
     )
     raw["model"]["text"]["tokenizer"] = str(phantom_dir / "tokenizer")
     raw["model"]["image"]["kwargs"].update(depth=1)

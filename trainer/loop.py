@@ -156,6 +156,15 @@ def save_checkpoint(w: Worker, state: TrainState) -> None:
     log.info("checkpoint %s saved in %.1fs", path, seconds)
 
 
+def advance(position: StreamPosition, batch: dict[str, Any], workers: int) -> StreamPosition:
+    """The stream position after consuming ``batch``."""
+    if batch["_epoch"] != position.epoch:
+        position = StreamPosition(epoch=batch["_epoch"])
+    offsets = list(position.worker_offsets) + [0] * (workers - len(position.worker_offsets))
+    offsets[batch["_worker"]] = batch["_offset"]
+    return StreamPosition(position.epoch, position.batch + 1, offsets)
+
+
 def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter | None = None) -> dict[str, Any]:
     """Train on this rank until ``train.max_steps``; returns the final metrics (eval included)."""
     w = build_worker(cfg)
@@ -175,56 +184,48 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
     last: dict[str, Any] = {}
     window_start, window_samples = time.perf_counter(), 0
     saved_at = state.step
+    stream = ShardStream(manifest, spec, w.train_preprocess, w.tokenize, w.info.rank, state.position, epochs=None)
+    batches = iter(make_loader(stream))
     while state.step < cfg.train.max_steps:
-        stream = ShardStream(manifest, spec, w.train_preprocess, w.tokenize, w.info.rank, state.position)
         t_data = time.perf_counter()
-        for batch in make_loader(stream):
-            t_step = time.perf_counter()
-            values = train_step(w, batch)
-            state.step += 1
-            state.position.batch += 1
-            offsets = state.position.worker_offsets
-            offsets.extend([0] * (spec.workers - len(offsets)))
-            offsets[batch["_worker"]] = batch["_offset"]
-            now = time.perf_counter()
-            samples = len(batch["text"])
-            window_samples += samples
-            if w.metrics:
-                w.metrics.observe_step(state.step, samples, now - t_data, t_step - t_data,
-                                       {k: v for k, v in values.items() if k != "logit_scale"},
-                                       values["logit_scale"], batch["_skipped"])
+        batch = next(batches)
+        t_step = time.perf_counter()
+        values = train_step(w, batch)
+        state.step += 1
+        state.position = advance(state.position, batch, spec.workers)
+        now = time.perf_counter()
+        samples = len(batch["text"])
+        window_samples += samples
+        if w.metrics:
+            w.metrics.observe_step(state.step, samples, now - t_data, t_step - t_data,
+                                   {k: v for k, v in values.items() if k != "logit_scale"},
+                                   values["logit_scale"], batch["_skipped"])
 
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-                elapsed = now - window_start
-                rank_rate = window_samples / elapsed if elapsed > 0 else 0.0
-                loss = all_reduce_mean(values["loss"], w.device)
-                last = {"step": state.step, "epoch": state.position.epoch, "loss": loss,
-                        "samples_per_second": rank_rate * w.info.world_size,
-                        "lr": w.engine.get_lr()[0], **{k: v for k, v in values.items() if k != "loss"}}
-                if w.info.is_main:
-                    terms = " ".join(f"{t.name} {values[t.name]:.4f}" for t in cfg.objectives)
-                    log.info("step %d/%d | loss %.4f | %s | %.0f samples/s | step %.3fs (data %.3fs) | lr %.2e | scale %.1f",
-                             state.step, cfg.train.max_steps, loss, terms, last["samples_per_second"],
-                             now - t_data, t_step - t_data, last["lr"], values["logit_scale"])
-                    with open(w.run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(last) + "\n")
-                if report:
-                    report(last)
-                window_start, window_samples = time.perf_counter(), 0
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            elapsed = now - window_start
+            rank_rate = window_samples / elapsed if elapsed > 0 else 0.0
+            loss = all_reduce_mean(values["loss"], w.device)
+            last = {"step": state.step, "epoch": state.position.epoch, "loss": loss,
+                    "samples_per_second": rank_rate * w.info.world_size,
+                    "lr": w.engine.get_lr()[0], **{k: v for k, v in values.items() if k != "loss"}}
+            if w.info.is_main:
+                terms = " ".join(f"{t.name} {values[t.name]:.4f}" for t in cfg.objectives)
+                log.info("step %d/%d | loss %.4f | %s | %.0f samples/s | step %.3fs (data %.3fs) | lr %.2e | scale %.1f",
+                         state.step, cfg.train.max_steps, loss, terms, last["samples_per_second"],
+                         now - t_data, t_step - t_data, last["lr"], values["logit_scale"])
+                with open(w.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            if report:
+                report(last)
+            window_start, window_samples = time.perf_counter(), 0
 
-            every = cfg.train.checkpoint_every
-            if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
-                save_checkpoint(w, state)
-                saved_at = state.step
-            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.max_steps:
-                run_eval(w, state.step)
-            if state.step >= cfg.train.max_steps:
-                break
-            t_data = time.perf_counter()
-        else:
-            state.position = StreamPosition(epoch=state.position.epoch + 1)
-            continue
-        break
+        every = cfg.train.checkpoint_every
+        if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
+            save_checkpoint(w, state)
+            saved_at = state.step
+        if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.max_steps:
+            run_eval(w, state.step)
+    del batches  # stops the loader processes
 
     if saved_at != state.step:
         save_checkpoint(w, state)

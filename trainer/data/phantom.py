@@ -166,9 +166,10 @@ def sample_findings(rng: np.random.Generator) -> list[Finding]:
 class Lung:
     """A lung field in normalised image coordinates (x right, y down, both in [0, 1]).
 
-    The field is an ellipse-like shape centred at (cx, cy) with half-width ``a`` and half-height
-    ``b``: rounded above, a flatter diaphragm with sharp costophrenic angles below.
-    ``lateral`` is +1 when the lung's outer edge is towards larger x (the patient's left lung).
+    In the lung's own coordinates u = (x - cx) / a, v = (y - cy) / b the field spans v in
+    [-1, 1]: an elliptical apex above v = 0, and below it straight walls down to a domed
+    diaphragm whose sharp lateral costophrenic angle is the field's lowest point (v = 1).
+    ``lateral`` is +1 when the lung's outer wall is towards larger x (the patient's left lung).
     """
 
     cx: float
@@ -194,16 +195,16 @@ class Lung:
 
 @dataclass(frozen=True)
 class Anatomy:
-    """Patient geometry and densities drawn for one image (before findings change it).
+    """Patient geometry and densities drawn for one image (before findings change them).
 
-    Exposed so tests and analysis code can locate zones and the heart in the pixels.
+    Public so tests and analysis code can find zones and the heart in the pixels.
     """
 
     lungs: dict[str, Lung]  # keyed by the patient's side
     heart_cx: float
     heart_cy: float
     heart_ry: float
-    ctr: float  # cardiothoracic ratio of the normal heart drawn for this patient
+    ctr: float  # cardiothoracic ratio of this patient's normal heart
     scale: float
     body_cx: float
     body_cy: float
@@ -221,7 +222,7 @@ class Anatomy:
     rib_spacing: float
     rib_phase: float
     rib_curve: float
-    vessel_profile: tuple[np.ndarray, np.ndarray]  # per-lung radial streak noise (right, left)
+    texture_seed: int
     gamma: float
     gain: float
     offset: float
@@ -229,7 +230,7 @@ class Anatomy:
 
     @property
     def thoracic_width(self) -> float:
-        """Widest inner thoracic width, taken as outer lung edge to outer lung edge."""
+        """Inner thoracic width, taken from outer lung wall to outer lung wall."""
         r, l = self.lungs["right"], self.lungs["left"]
         return (l.cx + l.a) - (r.cx - r.a)
 
@@ -244,8 +245,8 @@ class Anatomy:
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     """Draw one patient: size, position, proportions and densities all jittered.
 
-    The jitter keeps the model from matching fixed pixel positions and brightnesses, while the
-    ranges are narrow enough that zones stay where a radiologist would expect them.
+    The jitter stops a model from matching fixed pixel positions and grey levels, while the
+    ranges stay narrow enough that every zone remains where a radiologist would look for it.
     """
     u = rng.uniform
     s = u(0.93, 1.04)
@@ -253,44 +254,44 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     mid = 0.5 + ox
     gap = 0.045 * s * u(0.9, 1.1)
     a_r, a_l = 0.150 * s * u(0.95, 1.05), 0.145 * s * u(0.95, 1.05)
-    b_r, b_l = 0.300 * s * u(0.95, 1.05), 0.300 * s * u(0.95, 1.05)
+    b_r, b_l = 0.305 * s * u(0.95, 1.05), 0.305 * s * u(0.95, 1.05)
     cy = 0.47 + oy
     right = Lung(mid - gap - a_r, cy, a_r, b_r, lateral=-1)
-    left = Lung(mid + gap + a_l, cy + 0.012 * s, a_l, b_l, lateral=+1)
-    vessel = (u(-1.0, 1.0, 40), u(-1.0, 1.0, 40))
+    left = Lung(mid + gap + a_l, cy + 0.015 * s, a_l, b_l, lateral=+1)
     return Anatomy(
         lungs={"right": right, "left": left},
         heart_cx=mid,
-        heart_cy=left.cy + 0.62 * left.b,
-        heart_ry=0.14 * s * u(0.93, 1.07),
+        heart_cy=left.cy + 0.66 * left.b,
+        heart_ry=0.15 * s * u(0.93, 1.07),
         ctr=u(0.38, 0.45),
         scale=s,
         body_cx=mid,
-        body_cy=0.66 + oy,
-        body_a=((left.cx + left.a) - (right.cx - right.a)) / 2 + 0.085 * s * u(0.9, 1.15),
-        body_b=0.66 * s,
+        body_cy=0.70 + oy,
+        body_a=((left.cx + left.a) - (right.cx - right.a)) / 2 + 0.09 * s * u(0.9, 1.15),
+        body_b=0.64 * s,
         mediastinum_halfwidth=0.05 * s * u(0.9, 1.1),
-        dens_body=u(0.47, 0.56),
-        dens_air=u(0.34, 0.40),
-        dens_heart=u(0.08, 0.13),
-        dens_mediastinum=u(0.10, 0.15),
-        dens_spine=u(0.06, 0.10),
-        dens_rib=u(0.05, 0.08),
+        dens_body=u(0.50, 0.58),
+        dens_air=u(0.36, 0.42),
+        dens_heart=u(0.03, 0.06),
+        dens_mediastinum=u(0.05, 0.09),
+        dens_spine=u(0.03, 0.05),
+        dens_rib=u(0.04, 0.06),
         dens_clavicle=u(0.08, 0.12),
-        dens_vessel=u(0.06, 0.10),
-        rib_spacing=0.072 * s * u(0.92, 1.08),
+        dens_vessel=u(0.12, 0.16),
+        rib_spacing=0.07 * s * u(0.92, 1.08),
         rib_phase=u(0.0, 1.0),
-        rib_curve=u(0.25, 0.4),
-        vessel_profile=vessel,
+        rib_curve=u(1.8, 2.4),
+        texture_seed=int(rng.integers(0, 2**63 - 1)),
         gamma=u(0.85, 1.15),
-        gain=u(0.88, 1.08),
-        offset=u(-0.04, 0.04),
-        noise_sigma=u(0.012, 0.028),
+        gain=u(0.88, 1.06),
+        offset=u(-0.03, 0.04),
+        noise_sigma=u(0.025, 0.05),
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering helpers (all vectorised over a cached pixel grid)
+# Rendering helpers (vectorised over a cached float32 pixel grid; no transcendental functions
+# on the full grid beyond sqrt, which keeps a 128x128 image at a couple of milliseconds)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -303,151 +304,239 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return yy, xx
 
 
-def _edge(d: np.ndarray, size: int, width_px: float = 1.0) -> np.ndarray:
-    """Anti-aliased step: 1 where the signed distance ``d`` (normalised units) is positive."""
-    return np.clip(d * (size / width_px) + 0.5, 0.0, 1.0)
-
-
-def _lung_radius(lung: Lung, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Shape function r (< 1 inside) and the vertical coordinate v in [-1, 1] of a lung field.
-
-    Above the centre the field is elliptical (rounded apex); below, a 3-norm with a raised dome
-    gives a flatter diaphragm with pointed costophrenic angles.
-    """
-    u = (xx - lung.cx) / lung.a
-    v = (yy - lung.cy) / lung.b
-    au = np.minimum(np.abs(u), 1.5)
-    top = np.sqrt(u * u + v * v)
-    vb = np.maximum(v, 0.0) * (1.0 + 0.22 * (1.0 - au * au))
-    bottom = (au**3 + vb**3) ** (1.0 / 3.0)
-    return np.where(v < 0, top, bottom), v
-
-
-def _lung_mask(lung: Lung, r: np.ndarray, size: int) -> np.ndarray:
-    return _edge((1.0 - r) * min(lung.a, lung.b), size, 1.2)
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Low-frequency noise in [0, 1]: a coarse random grid, bilinearly upsampled."""
-    g = rng.random((cells, cells)).astype(np.float32)
-    t = (np.arange(size, dtype=np.float32) + 0.5) / size * (cells - 1)
-    i0 = np.minimum(t.astype(np.int64), cells - 2)
-    f = t - i0
-    rows = g[i0] * (1 - f)[:, None] + g[i0 + 1] * f[:, None]
-    return rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
+@lru_cache(maxsize=8)
+def _half_kernel(sigma_px: float) -> tuple[float, ...]:
+    r = max(1, int(np.ceil(2.5 * sigma_px)))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma_px) ** 2)
+    k /= k.sum()
+    return tuple(float(x) for x in k[r:])
 
 
 def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Separable Gaussian blur by summing shifted slices (no per-pixel Python loops)."""
-    if sigma_px <= 0.05:
-        return img
-    r = max(1, int(np.ceil(2.5 * sigma_px)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma_px) ** 2).astype(np.float32)
-    k /= k.sum()
-    n = img.shape[0]
-    p = np.pad(img, r, mode="edge")
-    tmp = sum(k[i] * p[i : i + n, :] for i in range(2 * r + 1))
-    return sum(k[i] * tmp[:, i : i + n] for i in range(2 * r + 1))
+    """Separable Gaussian blur with replicated edges, by adding shifted slices.
+
+    Deliberately not a matrix product: a 128x128 BLAS call costs ~10x more than this when
+    OpenBLAS spins up threads (and far more inside multi-worker data loaders).
+    """
+    k = _half_kernel(sigma_px)
+    for axis in (0, 1):
+        src = img if axis == 0 else img.T
+        out = src * k[0]
+        for d, w in enumerate(k[1:], start=1):
+            out[d:] += w * src[:-d]
+            out[:-d] += w * src[d:]
+            out[:d] += w * src[:1]
+            out[-d:] += w * src[-1:]
+        img = out if axis == 0 else out.T
+    return img
 
 
-def _segment_dist(yy: np.ndarray, xx: np.ndarray, p0: tuple[float, float], p1: tuple[float, float]) -> np.ndarray:
+def _clip(x: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
+    """np.clip without its Python-level dispatch overhead (it is called ~40 times per image)."""
+    if lo is not None:
+        x = np.maximum(x, lo)
+    return x if hi is None else np.minimum(x, hi)
+
+
+def _edge(d: np.ndarray, size: int, width_px: float = 1.0) -> np.ndarray:
+    """Anti-aliased step: 1 where the signed distance ``d`` (normalised units) is positive."""
+    return _clip(d * (size / width_px) + 0.5, 0.0, 1.0)
+
+
+def _lung_shape(lung: Lung, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(u, v, r, sd) for a lung: local coordinates, the apex radius r (< 1 inside, meaningful
+    above v = 0), and an approximate signed distance to the border (positive inside)."""
+    u = (xx - lung.cx) / lung.a
+    v = (yy - lung.cy) / lung.b
+    r = np.sqrt(u * u + v * v)
+    ul = u * lung.lateral
+    vl = _clip(v, 0.0, 1.0)
+    dome = 1.0 - 0.22 * (1.0 - ul * ul) - 0.04 * (1.0 - ul)  # diaphragm height, in v units
+    wall_lat = 1.0 + 0.07 * vl - ul  # the lateral wall bows out towards the base
+    wall_med = 1.0 - 0.1 * vl + ul  # the medial wall steps in where the heart sits
+    sd_low = np.minimum(np.minimum(wall_lat, wall_med) * lung.a, (dome - v) * lung.b)
+    sd = np.where(v < 0, (1.0 - r) * lung.a, sd_low)
+    return u, v, r, sd
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a coarse random grid, bilinearly upsampled to ``shape``."""
+    g = rng.random((cells, cells), dtype=np.float32)
+
+    def axis(n: int) -> tuple[np.ndarray, np.ndarray]:
+        t = (np.arange(n, dtype=np.float32) + 0.5) / n * (cells - 1)
+        i0 = np.minimum(t.astype(np.int64), cells - 2)
+        return i0, t - i0
+
+    (ri, rf), (ci, cf) = axis(shape[0]), axis(shape[1])
+    rows = g[ri] * (1 - rf)[:, None] + g[ri + 1] * rf[:, None]
+    return rows[:, ci] * (1 - cf)[None, :] + rows[:, ci + 1] * cf[None, :]
+
+
+def _segment_dist2(yy: np.ndarray, xx: np.ndarray, p0: tuple[float, float], p1: tuple[float, float]) -> np.ndarray:
+    """Squared distance to a line segment."""
     (x0, y0), (x1, y1) = p0, p1
     dx, dy = x1 - x0, y1 - y0
-    t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
-    return np.hypot(xx - (x0 + t * dx), yy - (y0 + t * dy))
+    t = _clip(((xx - x0) * dx + (yy - y0) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
+    ex, ey = xx - (x0 + t * dx), yy - (y0 + t * dy)
+    return ex * ex + ey * ey
 
 
 def _heart_mask(anat: Anatomy, width: float, ry: float, yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
     """Heart silhouette: a third of its width to the image's left of the midline, two thirds to
-    the right (the patient's left), as on a real PA film."""
-    rx = np.where(xx < anat.heart_cx, 0.34 * width, 0.66 * width)
-    u = (xx - anat.heart_cx) / rx
+    the image's right (the patient's left), as on a real PA film."""
+    rxl, rxr = 0.34 * width, 0.66 * width
+    dx = xx - anat.heart_cx
+    u = dx / rxr + np.minimum(dx, 0.0) * (1.0 / rxl - 1.0 / rxr)
     v = (yy - anat.heart_cy) / ry
     r = np.sqrt(u * u + v * v)
-    return _edge((1.0 - r) * np.minimum(rx, ry), size, 1.2)
+    return _edge((1.0 - r) * min(rxl, ry), size, 1.2)
 
 
-def _severity_index(f: Finding) -> int:
-    return SEVERITIES.index(f.severity)
+_LUT_SIZE = 1024
 
+
+@lru_cache(maxsize=256)
+def _tone_lut(gamma: float, gain: float, offset: float) -> np.ndarray:
+    """Tone curve (gamma, contrast, brightness) as a lookup table: a per-pixel power function
+    would cost more than the rest of the image."""
+    x = np.linspace(0.0, 1.0, _LUT_SIZE)
+    y = np.clip(gain * x**gamma + offset, 0.0, 1.0)
+    return (y * 255.0 + 0.5).astype(np.uint8)
 
 # Severity tables: index 0/1/2 = mild/moderate/severe.
-_CARDIO_CTR = (0.55, 0.62, 0.70)
-_OPACITY_SIZE = (0.50, 0.66, 0.82)  # fraction of lung half-width / half zone height
-_OPACITY_DENS = (0.24, 0.30, 0.36)
-_NODULE_RADIUS = (0.020, 0.025, 0.030)  # normalised, before patient scale
-_EFFUSION_HEIGHT = (0.15, 0.30, 0.45)  # fraction of lung height
-_PTX_DEPTH = (0.20, 0.32, 0.46)  # fraction of the lung's shape radius
+_CARDIO_CTR = (0.57, 0.64, 0.72)
+_OPACITY_SIZE = (0.70, 0.82, 0.95)  # fraction of lung half-width and of half a zone's height
+_OPACITY_DENS = (0.36, 0.44, 0.52)
+_NODULE_RADIUS = (0.026, 0.030, 0.034)  # normalised, before patient scale
+_EFFUSION_HEIGHT = (0.17, 0.30, 0.45)  # fraction of lung height
+_PTX_DEPTH = (0.22, 0.34, 0.48)  # fraction of the apex radius
+
+Box = tuple[slice, slice]
 
 
-def _draw_opacity(f: Finding, anat: Anatomy, lungs: dict[str, tuple], rng: np.random.Generator,
-                  yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
-    lung = anat.lungs[f.side]
-    _, _, mask = lungs[f.side]
-    x0, x1, y0, y1 = lung.zone_box(f.zone)
-    k = _severity_index(f)
+def _box(x0: float, x1: float, y0: float, y1: float, size: int, margin_px: int = 3) -> Box:
+    """Pixel slices covering a normalised rectangle plus a margin (structures are computed only
+    inside their box: most of them cover a small part of the image)."""
+    r0 = min(size - 1, max(0, int(np.floor(y0 * size)) - margin_px))
+    r1 = max(r0 + 1, min(size, int(np.ceil(y1 * size)) + margin_px))
+    c0 = min(size - 1, max(0, int(np.floor(x0 * size)) - margin_px))
+    c1 = max(c0 + 1, min(size, int(np.ceil(x1 * size)) + margin_px))
+    return slice(r0, r1), slice(c0, c1)
+
+
+@dataclass
+class _Field:
+    """One lung's shape arrays, computed inside the lung's bounding box only."""
+
+    lung: Lung
+    box: Box
+    yy: np.ndarray
+    xx: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    r: np.ndarray
+    sd: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass
+class _Scene:
+    """Per-image arrays shared by the finding painters."""
+
+    anat: Anatomy
+    size: int
+    fields: dict[str, _Field]
+    soft_tissue: np.ndarray  # 1 over heart and mediastinum, where the lungs are hidden
+
+
+def _draw_opacity(f: Finding, sc: _Scene, rng: np.random.Generator) -> tuple[Box, np.ndarray]:
+    fl = sc.fields[f.side]
+    lung = fl.lung
+    _, _, y0, y1 = lung.zone_box(f.zone)
+    k = SEVERITIES.index(f.severity)
     zh = y1 - y0
-    cx = lung.cx + lung.lateral * rng.uniform(0.0, 0.3) * lung.a
+    lateral_shift = rng.uniform(0.05, 0.3)
     cy = (y0 + y1) / 2 + rng.uniform(-0.08, 0.08) * zh
     if f.zone == "upper":  # the apex is narrow: keep the blob where there is lung
         cy += 0.12 * zh
+    elif f.zone == "lower":  # the diaphragm dome and the heart take the zone's lower, medial part
+        cy -= 0.1 * zh
+        lateral_shift += 0.15
+    cx = lung.cx + lung.lateral * lateral_shift * lung.a
     rx = _OPACITY_SIZE[k] * lung.a * rng.uniform(0.92, 1.08)
     ry = _OPACITY_SIZE[k] * zh / 2 * rng.uniform(0.95, 1.1)
-    d2 = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2
-    blob = np.clip(1.0 - d2, 0.0, 1.0) ** 1.2
-    mottle = 0.65 + 0.35 * _smooth_noise(rng, size, 9)
-    return _OPACITY_DENS[k] * rng.uniform(0.92, 1.08) * blob * mottle * mask
+    dx, dy = (fl.xx - cx) / rx, (fl.yy - cy) / ry
+    blob = _clip(1.0 - dx * dx - dy * dy, 0.0, 1.0)
+    blob = blob * blob * (3.0 - 2.0 * blob)  # smoothstep: a fluffy edge, not a rim
+    mottle = 0.7 + 0.3 * _smooth_noise(rng, blob.shape, 8)
+    dens = _OPACITY_DENS[k] * rng.uniform(0.92, 1.08)
+    return fl.box, dens * blob * mottle * fl.mask * (1.0 - sc.soft_tissue[fl.box])
 
 
-def _draw_nodule(f: Finding, anat: Anatomy, lungs: dict[str, tuple], heart: np.ndarray, rng: np.random.Generator,
-                 yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
-    lung = anat.lungs[f.side]
+def _draw_nodule(f: Finding, sc: _Scene, rng: np.random.Generator) -> tuple[Box, np.ndarray]:
+    fl = sc.fields[f.side]
+    lung = fl.lung
     x0, x1, y0, y1 = lung.zone_box(f.zone)
-    k = _severity_index(f)
-    rad = _NODULE_RADIUS[k] * anat.scale * rng.uniform(0.95, 1.05)
-    # Rejection-sample a centre well inside the lung, inside the zone, and clear of the heart.
-    h_w = anat.heart_width() * 0.66 + 0.02
-    cx = cy = 0.0
-    for _ in range(64):
-        cx = rng.uniform(x0 + 0.15 * lung.a, x1 - 0.15 * lung.a)
-        cy = rng.uniform(y0 + 0.22 * (y1 - y0), y1 - 0.22 * (y1 - y0))
-        rr, _ = _lung_radius(lung, np.float32(cy), np.float32(cx))
-        clear_of_heart = not (lung.lateral > 0 and cx < anat.heart_cx + h_w and cy > anat.heart_cy - anat.heart_ry)
-        if rr < 1.0 - 2.2 * rad / min(lung.a, lung.b) and clear_of_heart:
+    k = SEVERITIES.index(f.severity)
+    rad = _NODULE_RADIUS[k] * sc.anat.scale * rng.uniform(0.95, 1.05)
+    # Pick the centre among pixels in the zone that lie well inside the lung and clear of the
+    # heart and mediastinum (a small spot over soft tissue would be hard to see).
+    c = max(1, int(round(1.8 * rad * sc.size)))
+    zh = y1 - y0
+    zone = (fl.yy > y0 + 0.1 * zh) & (fl.yy < y1 - 0.1 * zh) & (fl.xx > x0) & (fl.xx < x1)
+    ok = zone & (fl.sd > 1.5 * rad)
+    soft = sc.soft_tissue[fl.box] > 0.02
+    near = soft.copy()
+    near[c:] |= soft[:-c]
+    near[:-c] |= soft[c:]
+    near[:, c:] |= soft[:, :-c]
+    near[:, :-c] |= soft[:, c:]
+    # Relax step by step when a big heart leaves no clear lung in the zone (left lower zone
+    # with severe cardiomegaly): the spot then overlies the heart, still bright and in zone.
+    for cond in (ok & ~near, ok & ~soft, ok, zone):
+        cand = np.flatnonzero(cond)
+        if cand.size:
             break
-    d = np.hypot(xx - cx, yy - cy)
-    disc = _edge(rad - d, size, 0.8)
-    dome = 0.75 + 0.25 * np.sqrt(np.clip(1.0 - (d / rad) ** 2, 0.0, 1.0))
-    return 0.40 * rng.uniform(0.92, 1.08) * disc * dome
+    if cand.size == 0:  # degenerate tiny image: anywhere in the box
+        cand = np.arange(fl.yy.size)
+    i = int(cand[int(rng.integers(cand.size))])
+    w = fl.yy.shape[1]
+    cy = float(fl.yy[i // w, 0]) + (rng.uniform() - 0.5) / sc.size
+    cx = float(fl.xx[0, i % w]) + (rng.uniform() - 0.5) / sc.size
+    box = _box(cx - rad, cx + rad, cy - rad, cy + rad, sc.size, 2)
+    yy, xx = _grid(sc.size)
+    dx, dy = xx[box] - cx, yy[box] - cy
+    d2 = (dx * dx + dy * dy) / (rad * rad)
+    disc = _clip((1.0 - d2) * (rad * sc.size / 1.6) + 0.5, 0.0, 1.0)
+    dome = 0.75 + 0.25 * np.sqrt(_clip(1.0 - d2, 0.0, 1.0))
+    return box, (0.55 * rng.uniform(0.92, 1.08)) * disc * dome
 
 
-def _draw_effusion(f: Finding, anat: Anatomy, lungs: dict[str, tuple], rng: np.random.Generator,
-                   yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
-    lung = anat.lungs[f.side]
-    _, _, mask = lungs[f.side]
-    k = _severity_index(f)
-    h = (_EFFUSION_HEIGHT[k] + rng.uniform(-0.02, 0.02)) * 2 * lung.b
-    lat = np.clip(lung.lateral * (xx - lung.cx) / lung.a, -1.0, 1.0)  # -1 medial .. +1 lateral
-    meniscus = rng.uniform(0.06, 0.09) * 2 * lung.b * ((lat + 1.0) / 2.0) ** 2
-    level = lung.bottom - h - meniscus  # rises laterally: a concave (meniscus) upper border
-    fill = _edge(yy - level, size, 1.5)
-    depth = np.clip((yy - level) / max(h, 1e-3), 0.0, 1.0)
-    return 0.38 * rng.uniform(0.95, 1.05) * fill * (0.88 + 0.12 * depth) * mask
+def _draw_effusion(f: Finding, sc: _Scene, rng: np.random.Generator) -> tuple[Box, np.ndarray]:
+    fl = sc.fields[f.side]
+    k = SEVERITIES.index(f.severity)
+    h = 2.0 * (_EFFUSION_HEIGHT[k] + rng.uniform(-0.02, 0.02))  # in v units (lung height = 2)
+    lat = (_clip(fl.u * fl.lung.lateral, -1.0, 1.0) + 1.0) * 0.5  # 0 medial .. 1 lateral
+    meniscus = rng.uniform(0.22, 0.3) * lat * lat * lat  # rises along the lateral wall
+    level = 1.0 - h - meniscus
+    fill = _clip((fl.v - level) * (fl.lung.b * sc.size / 1.5) + 0.5, 0.0, 1.0)
+    depth = _clip((fl.v - level) * (1.0 / h), 0.0, 1.0)
+    dens = 0.40 * rng.uniform(0.95, 1.05)
+    return fl.box, dens * fill * (0.85 + 0.15 * depth) * fl.mask * (1.0 - sc.soft_tissue[fl.box])
 
 
-def _draw_pneumothorax(f: Finding, anat: Anatomy, lungs: dict[str, tuple], rng: np.random.Generator,
-                       size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (dark region mask in [0, 1], pleural line intensity)."""
-    lung = anat.lungs[f.side]
-    r, v, mask = lungs[f.side]
-    k = _severity_index(f)
+def _draw_pneumothorax(f: Finding, sc: _Scene, rng: np.random.Generator) -> tuple[Box, np.ndarray, np.ndarray]:
+    """Return (box, collapsed-space mask in [0, 1], pleural line intensity in [0, 1])."""
+    fl = sc.fields[f.side]
+    k = SEVERITIES.index(f.severity)
     r0 = 1.0 - _PTX_DEPTH[k] * rng.uniform(0.92, 1.08)
-    # Keep the collapse above the upper zone's lower border (v = -1/3), tapering out just above.
-    vtaper = np.clip((-0.36 - v) / 0.1, 0.0, 1.0)
-    scale_px = min(lung.a, lung.b) * size
-    region = np.clip((r - r0) * scale_px / 1.0 + 0.5, 0.0, 1.0) * mask * vtaper
-    line = np.exp(-(((r - r0) * scale_px / 0.9) ** 2)) * mask * vtaper
-    return region, line
+    # Keep the air above the upper zone's lower border (v = -1/3), fading out just above it.
+    vtaper = _clip((-0.36 - fl.v) * 10.0, 0.0, 1.0) * fl.mask
+    t = (fl.r - r0) * (fl.lung.a * sc.size)
+    region = _clip(t + 0.5, 0.0, 1.0) * vtaper
+    line = _clip(1.0 - np.abs(t) * (1.0 / 1.1), 0.0, 1.0) * vtaper
+    return fl.box, region, line
 
 
 def render_with_anatomy(findings: list[Finding], rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, Anatomy]:
@@ -457,101 +546,120 @@ def render_with_anatomy(findings: list[Finding], rng: np.random.Generator, size:
     one per finding category), so the same seed yields the same patient and noise whatever
     the findings: the difference between two renders is the finding alone.
     """
-    seeds = rng.integers(0, 2**63 - 1, size=3)
-    anat = sample_anatomy(np.random.default_rng(int(seeds[0])))
-    noise_rng = np.random.default_rng(int(seeds[1]))
+    seeds = [int(s) for s in rng.integers(0, 2**63 - 1, size=3)]
+    anat = sample_anatomy(np.random.default_rng(seeds[0]))
     yy, xx = _grid(size)
-    f32 = np.float32
+    s = anat.scale
+    mid = anat.heart_cx
+    lr, ll = anat.lungs["right"], anat.lungs["left"]
 
-    # -- anatomy ---------------------------------------------------------------------------
-    bx = (xx - anat.body_cx) / anat.body_a
-    by = (yy - anat.body_cy) / anat.body_b
-    body_r = (np.abs(bx) ** 2.6 + np.abs(by) ** 2.6) ** (1 / 2.6)
-    neck = _edge(0.065 * anat.scale - np.abs(xx - anat.body_cx), size, 1.5) * (yy < 0.2)
-    body = np.maximum(_edge((1.0 - body_r) * anat.body_a, size, 2.0), neck)
-    thick = 1.0 + 0.18 * np.clip(1.0 - np.abs(xx - anat.body_cx) / anat.body_a, 0.0, 1.0)
-    att = anat.dens_body * body * thick
+    # -- body ---------------------------------------------------------------------------------
+    bx = (xx - anat.body_cx) * (1.0 / anat.body_a)
+    by = (yy - anat.body_cy) * (1.0 / anat.body_b)
+    bx2, by2 = bx * bx, by * by
+    body_r = np.sqrt(np.sqrt(bx2 * bx2 + by2 * by2))  # superellipse, p = 4: square shoulders
+    body = _edge((1.0 - body_r) * anat.body_a, size, 2.5)
+    nb = _box(mid - 0.1, mid + 0.1, 0.0, 0.25, size)
+    neck = _edge(0.075 * s - np.abs(xx[nb] - mid), size, 1.5) * _edge(0.25 - yy[nb], size, 1.0)
+    body[nb] = np.maximum(body[nb], neck)
+    att = (anat.dens_body * body) * (1.0 + 0.15 * _clip(1.0 - np.abs(bx), 0.0, 1.0))
 
-    lungs: dict[str, tuple] = {}
+    # -- lungs, heart, mediastinum -----------------------------------------------------------
+    fields: dict[str, _Field] = {}
+    lung_air = np.zeros_like(att)
     for side, lung in anat.lungs.items():
-        r, v = _lung_radius(lung, yy, xx)
-        lungs[side] = (r, v, _lung_mask(lung, r, size))
+        box = _box(lung.cx - 1.08 * lung.a, lung.cx + 1.08 * lung.a, lung.top, lung.bottom, size)
+        fy, fx = yy[box], xx[box]
+        u, v, r, sd = _lung_shape(lung, fy, fx)
+        mask = _edge(sd, size, 1.2)
+        fields[side] = _Field(lung, box, fy, fx, u, v, r, sd, mask)
+        lung_air[box] = np.maximum(lung_air[box], mask)
 
     cardio = next((f for f in findings if f.category == "cardiomegaly"), None)
-    ctr = anat.ctr
-    ry = anat.heart_ry
+    ctr, ry = anat.ctr, anat.heart_ry
     if cardio is not None:
-        k = _severity_index(cardio)
-        crng = np.random.default_rng([int(seeds[2]), FINDINGS.index("cardiomegaly")])
+        k = SEVERITIES.index(cardio.severity)
+        crng = np.random.default_rng([seeds[2], FINDINGS.index("cardiomegaly")])
         ctr = _CARDIO_CTR[k] + crng.uniform(-0.012, 0.012)
         ry *= (1.04, 1.08, 1.12)[k]
-    heart = _heart_mask(anat, anat.heart_width(ctr), ry, yy, xx, size)
+    hw = anat.heart_width(ctr)
+    soft = np.zeros_like(att)
+    hb = _box(mid - 0.34 * hw, mid + 0.66 * hw, anat.heart_cy - ry, anat.heart_cy + ry, size)
+    soft[hb] = _heart_mask(anat, hw, ry, yy[hb], xx[hb], size)
+    att = att + anat.dens_heart * soft
 
     mw = anat.mediastinum_halfwidth
-    upper_med = _edge(mw - np.abs(xx - anat.heart_cx), size, 1.5) * _edge(anat.heart_cy - yy, size, 1.0)
-    knob = _edge(0.03 * anat.scale - np.hypot(xx - (anat.heart_cx + mw * 0.9), yy - (anat.lungs["left"].top + 0.12)), size)
-    mediastinum = np.maximum(np.maximum(upper_med, knob), heart)
-    lung_air = np.clip(lungs["right"][2] + lungs["left"][2], 0.0, 1.0) * (1.0 - mediastinum)
-    att = att - anat.dens_air * lung_air
-    att = att + anat.dens_heart * heart + anat.dens_mediastinum * upper_med * (1.0 - heart) + 0.06 * knob
-    spine = _edge(0.028 * anat.scale - np.abs(xx - anat.heart_cx), size, 1.5) * body
-    att = att + anat.dens_spine * spine
+    mb = _box(mid - mw, mid + 2.5 * mw, 0.0, anat.heart_cy, size)
+    my, mx = yy[mb], xx[mb]
+    upper_med = _edge(mw - np.abs(mx - mid), size, 1.5) * _edge(anat.heart_cy - my, size, 1.0)
+    kx, ky = mx - (mid + 0.9 * mw), my - (ll.top + 0.13 * s)
+    knob = _edge(0.032 * s - np.sqrt(kx * kx + ky * ky), size)  # aortic knob
+    med = np.maximum(upper_med, knob)
+    att[mb] += anat.dens_mediastinum * med
+    soft[mb] = np.maximum(soft[mb], med)
+    att = att - anat.dens_air * lung_air * (1.0 - soft)
 
-    # Posterior ribs: bands periodic in y along curves that dip laterally; clavicles on top.
-    dxm = np.abs(xx - anat.heart_cx)
-    yr = yy - anat.rib_curve * (dxm - 0.12) ** 2 * 4.0 + 0.08 * dxm
-    phase = yr / anat.rib_spacing + anat.rib_phase
-    band = np.clip(np.cos(2 * np.pi * phase) - 0.35, 0.0, None) / 0.65
-    rib_zone = _edge(0.40 * anat.scale - dxm, size, 2.0) * _edge(dxm - 0.03, size) * body
-    rib_zone = rib_zone * _edge(yy - (anat.lungs["right"].top - 0.06), size, 3.0)
-    rib_zone = rib_zone * _edge(anat.lungs["left"].bottom + 0.02 - yy, size, 3.0)
-    att = att + anat.dens_rib * band * rib_zone
-    clav_y = anat.lungs["right"].top + 0.04 * anat.scale
-    clav = np.zeros_like(yy)
+    sb = _box(mid - 0.04, mid + 0.04, 0.0, 1.0, size)
+    sx, sy = np.abs(xx[sb] - mid), yy[sb]
+    carina = lr.top + 0.2 * s
+    trachea = _edge(0.018 * s - sx, size, 1.5) * _edge(carina - sy, size, 3.0) * _edge(sy - 0.04, size, 3.0)
+    att[sb] += anat.dens_spine * _edge(0.03 * s - sx, size, 1.5) * body[sb] - 0.12 * trachea
+
+    # -- bones: posterior ribs (bands along curves that fall laterally) and clavicles ------------
+    rb = _box(0.0, 1.0, lr.top - 0.06, ll.bottom + 0.04, size, 0)
+    ry_, rx_ = yy[rb], xx[rb]
+    adx = np.abs(rx_ - mid)
+    phase = (ry_ - anat.rib_curve * adx * adx + 0.25 * adx) * (1.0 / anat.rib_spacing) + anat.rib_phase
+    tri = np.abs(phase - np.floor(phase) - 0.5) * 2.0  # 0 mid-rib .. 1 between ribs
+    band = _clip((0.45 - tri) * 4.0, 0.0, 1.0) + 0.5 * _clip(1.0 - np.abs(tri - 0.42) * 12.0, 0.0, 1.0)
+    rib_zone = _edge(anat.body_a * 0.97 - adx, size, 2.0) * _edge(adx - 0.035, size) * body[rb]
+    rib_zone = rib_zone * _edge(ry_ - (lr.top - 0.05), size, 3.0) * _edge(ll.bottom + 0.03 - ry_, size, 3.0)
+    att[rb] += anat.dens_rib * band * rib_zone
+    clav_y = lr.top + 0.05 * s
     for sgn in (-1, 1):
-        p0 = (anat.heart_cx + sgn * 0.035, clav_y + 0.025)
-        p1 = (anat.heart_cx + sgn * 0.30 * anat.scale, clav_y - 0.05)
-        clav = np.maximum(clav, _edge(0.014 * anat.scale - _segment_dist(yy, xx, p0, p1), size))
-    att = att + anat.dens_clavicle * clav
+        p0 = (mid + sgn * 0.04, clav_y + 0.03)
+        p1 = (mid + sgn * 0.33 * s, clav_y - 0.045)
+        cb = _box(min(p0[0], p1[0]) - 0.02, max(p0[0], p1[0]) + 0.02, p1[1] - 0.02, p0[1] + 0.02, size)
+        d = np.sqrt(_segment_dist2(yy[cb], xx[cb], p0, p1))
+        att[cb] += anat.dens_clavicle * _edge(0.014 * s - d, size)
 
-    # Vascular markings: streaks radiating from each hilum, fading towards the periphery.
-    markings = np.zeros_like(yy)
-    for (side, lung), prof in zip(anat.lungs.items(), anat.vessel_profile):
-        hx = lung.cx - lung.lateral * 0.65 * lung.a
-        hy = lung.cy + 0.05 * lung.b
-        theta = np.arctan2(yy - hy, xx - hx)
-        t = (theta + np.pi) / (2 * np.pi) * len(prof)
-        streak = np.interp(t, np.arange(len(prof) + 1), np.append(prof, prof[0]))
-        dist = np.hypot(xx - hx, yy - hy)
-        fall = np.exp(-dist / (0.5 * lung.a))
-        hilum = np.exp(-(dist / (0.2 * lung.a)) ** 2)
-        markings = markings + (np.clip(streak, 0.0, None) ** 2 * fall + 0.8 * hilum) * lungs[side][2]
-    markings *= 1.0 - mediastinum
+    # -- lung markings: ridged noise (vessel-like lines) fading from each hilum outwards ------
+    trng = np.random.default_rng(anat.texture_seed)
+    ridge = _clip(1.0 - np.abs(_smooth_noise(trng, (size, size), 11) - 0.5) * 6.0, 0.0, 1.0)
+    markings: dict[str, np.ndarray] = {}
+    for side, fl in fields.items():
+        lung = fl.lung
+        hx, hy = lung.cx - lung.lateral * 0.6 * lung.a, lung.cy + 0.05 * lung.b
+        d2 = ((fl.xx - hx) ** 2 + (fl.yy - hy) ** 2) * (1.0 / (0.55 * lung.a) ** 2)
+        markings[side] = (ridge[fl.box] / (1.0 + d2) + 0.6 / (1.0 + 12.0 * d2 * d2)) * fl.mask * (1.0 - soft[fl.box])
 
-    # -- findings ----------------------------------------------------------------------------
-    vessel_keep = np.ones_like(yy)
+    # -- findings ---------------------------------------------------------------------------------
+    sc = _Scene(anat, size, fields, soft)
     for f in findings:
-        frng = np.random.default_rng([int(seeds[2]), FINDINGS.index(f.category)])
+        frng = np.random.default_rng([seeds[2], FINDINGS.index(f.category)])
         if f.category == "opacity":
-            att = att + _draw_opacity(f, anat, lungs, frng, yy, xx, size)
+            box, add = _draw_opacity(f, sc, frng)
         elif f.category == "nodule":
-            att = att + _draw_nodule(f, anat, lungs, heart, frng, yy, xx, size)
+            box, add = _draw_nodule(f, sc, frng)
         elif f.category == "effusion":
-            att = att + _draw_effusion(f, anat, lungs, frng, yy, xx, size)
+            box, add = _draw_effusion(f, sc, frng)
         elif f.category == "pneumothorax":
-            region, line = _draw_pneumothorax(f, anat, lungs, frng, size)
-            att = att - 0.13 * region + 0.22 * line
-            vessel_keep = vessel_keep * (1.0 - region)
-    att = att + anat.dens_vessel * markings * vessel_keep
+            box, region, line = _draw_pneumothorax(f, sc, frng)
+            add = 0.25 * line - 0.2 * region
+            markings[f.side] = markings[f.side] * (1.0 - region)  # no lung markings in the air
+        else:
+            continue  # cardiomegaly was drawn with the heart
+        att[box] += add
+    for side, fl in fields.items():
+        att[fl.box] += anat.dens_vessel * markings[side]
 
-    # -- detector -----------------------------------------------------------------------------
-    px = size / 128.0
-    img = _blur(att.astype(f32), 0.8 * px)
-    img = np.clip(img, 0.0, 1.0) ** anat.gamma
-    img = anat.gain * img + anat.offset
-    img = img + noise_rng.normal(0.0, anat.noise_sigma, img.shape).astype(f32)
-    img = _blur(img, 0.5 * px)
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), anat
+    # -- detector: noise, blur (one separable pass), then a random tone curve via a lookup ---------
+    noise_rng = np.random.default_rng(seeds[1])
+    att = att + (noise_rng.random((size, size), dtype=np.float32) - 0.5) * (anat.noise_sigma * 3.464)
+    att = _blur(att.astype(np.float32, copy=False), 0.8 * size / 128.0)
+    idx = (_clip(att, 0.0, 1.0) * (_LUT_SIZE - 1)).astype(np.intp)
+    lut = _tone_lut(round(anat.gamma, 2), round(anat.gain, 2), round(anat.offset, 2))
+    return lut[idx], anat
 
 
 def render(findings: list[Finding], rng: np.random.Generator, size: int = 128) -> np.ndarray:
@@ -629,12 +737,15 @@ def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str
     """Return (FINDINGS text, IMPRESSION text) describing exactly ``findings``.
 
     FINDINGS varies its phrasing (so the text tower cannot key on one fixed string) but always
-    names severity, category, side and zone; absent categories get normal statements.
+    names severity, category, side and zone; absent categories get normal statements, which
+    never contain a severity word (that is how :func:`parse_report` tells them apart).
     IMPRESSION has one fixed sentence per finding, which is what the zero-shot prompts mirror.
     """
     cats = {f.category for f in findings}
     parts = [_fill(_pick(_FINDING_TEMPLATES[f.category], rng), f) for f in findings]
-    if not cats & {"opacity", "nodule", "effusion", "pneumothorax"}:
+    if not cats:
+        # Kept for entirely normal studies (not cardiomegaly alone) so that it is, like the
+        # normal impression, a phrase the no_finding prompts can rely on.
         parts.append(_pick(_LUNGS_CLEAR, rng))
     elif "opacity" not in cats:
         parts.append(_pick(_NO_CONSOLIDATION, rng))

@@ -13,8 +13,8 @@ position to resume from, and it opens no ``s3://`` URL. We keep webdataset for w
   for the next epoch's permutation).
 * Inside a slot samples pass a seeded shuffle buffer; augmentation draws from a generator seeded
   by the sample's position, so the stream is a pure function of (seed, epoch, slot, position).
-* PyTorch's DataLoader hands out workers' batches round-robin, so a rank's batch ``k`` came from
-  worker ``k % num_workers``. Each batch carries its worker's raw position; a resumed stream
+* PyTorch's DataLoader hands out workers' batches round-robin, so a rank's batch ``k`` comes from
+  stream worker ``k % num_workers``. Each batch carries its worker's raw position; a resumed stream
   skips each worker to its recorded position before decoding anything.
 
 Corrupt samples are skipped, counted by reason, and named in the log; a slot that comes up
@@ -24,6 +24,7 @@ short refills from its own beginning so batch shapes never differ between ranks.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import random
@@ -273,33 +274,45 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         position: StreamPosition | None = None,
         storage_options: dict[str, Any] | None = None,
+        epochs: int | None = 1,
     ) -> None:
         super().__init__()
         self.manifest, self.spec, self.preprocess, self.tokenize = manifest, spec, preprocess, tokenize
         self.rank = rank
         self.position = position or StreamPosition()
         self.storage_options = storage_options
+        self.epochs = epochs  # epochs to run from the starting one; None: endless (training)
         slot_size(manifest, spec)  # refuse an impossible split now, not inside a worker
 
     def __len__(self) -> int:
+        """Batches left in the current epoch (the stream itself runs on through later epochs)."""
         return batches_per_epoch(self.manifest, self.spec) - self.position.batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.spec.workers:
             raise RuntimeError(f"stream planned for {self.spec.workers} loader workers, got {info.num_workers}")
-        yield from self._worker_batches(worker)
+        # The DataLoader always starts its round-robin at its worker 0; after resuming at batch k,
+        # that worker must play the part of the stream worker that owns batch k. Every epoch has
+        # workers × batches_per_worker batches, so the cycle stays aligned across epochs.
+        loader_worker = info.id if info is not None else 0
+        worker = (loader_worker + self.position.batch) % self.spec.workers
+        for epoch in itertools.count(self.position.epoch):
+            if self.epochs is not None and epoch >= self.position.epoch + self.epochs:
+                return
+            yield from self._worker_batches(worker, epoch, resumed=epoch == self.position.epoch)
 
-    def _worker_batches(self, worker: int) -> Iterator[dict[str, Any]]:
+    def _worker_batches(self, worker: int, epoch: int, resumed: bool) -> Iterator[dict[str, Any]]:
         spec, pos = self.spec, self.position
         per = slot_size(self.manifest, spec)
         slot = self.rank * spec.workers + worker
         sizes = _batch_sizes(per, spec.batch_size)
-        first = len(range(worker, pos.batch, spec.workers))  # this worker's batches already consumed
-        offset = pos.worker_offsets[worker] if worker < len(pos.worker_offsets) else sum(sizes[:first])
-        order = epoch_order(self.manifest, spec.seed, pos.epoch, spec.shuffle)
-        raw = self._raw(order, slot * per, (slot + 1) * per, slot)
+        first, offset = 0, 0
+        if resumed:
+            first = len(range(worker, pos.batch, spec.workers))  # this worker's batches already consumed
+            offset = pos.worker_offsets[worker] if worker < len(pos.worker_offsets) else sum(sizes[:first])
+        order = epoch_order(self.manifest, spec.seed, epoch, spec.shuffle)
+        raw = self._raw(order, slot * per, (slot + 1) * per, slot, epoch)
 
         skipped: Counter[str] = Counter()
         position = 0
@@ -310,7 +323,7 @@ class ShardStream(IterableDataset):
                 position += 1
                 if position <= offset:
                     continue  # resumed: consumed before the checkpoint
-                gen = torch.Generator().manual_seed(hash((spec.seed, pos.epoch, slot, position)) & 0x7FFF_FFFF_FFFF)
+                gen = torch.Generator().manual_seed(hash((spec.seed, epoch, slot, position)) & 0x7FFF_FFFF_FFFF)
                 try:
                     image, text, meta = self.preprocess(sample, gen)
                 except SampleError as err:
@@ -325,6 +338,7 @@ class ShardStream(IterableDataset):
                 **self.tokenize(texts),
                 "text": texts,
                 "meta": metas,
+                "_epoch": epoch,
                 "_worker": worker,
                 "_offset": position,
                 "_index": index * spec.workers + worker,
@@ -333,13 +347,13 @@ class ShardStream(IterableDataset):
             skipped.clear()
             yield batch
 
-    def _raw(self, order: list[int], start: int, stop: int, slot: int) -> Iterator[dict[str, Any]]:
+    def _raw(self, order: list[int], start: int, stop: int, slot: int, epoch: int) -> Iterator[dict[str, Any]]:
         """The slot's raw samples through a seeded shuffle buffer, cycling if it comes up short."""
 
         def on_error(where: str, err: Exception) -> None:
             log.warning("data read error in %s: %s: %s", where, type(err).__name__, err)
 
-        rng = random.Random(f"samples:{self.spec.seed}:{self.position.epoch}:{slot}")
+        rng = random.Random(f"samples:{self.spec.seed}:{epoch}:{slot}")
         passes = 0
         while True:
             produced = 0
@@ -363,13 +377,16 @@ class ShardStream(IterableDataset):
 
 
 def make_loader(dataset: ShardStream) -> DataLoader:
-    """DataLoader over an already-batched stream; workers alternate batches round-robin."""
+    """DataLoader over an already-batched stream; workers alternate batches round-robin.
+
+    Training streams are endless (``epochs=None``), so one set of loader processes serves the
+    whole run instead of being spawned again (seconds each) at every epoch.
+    """
     workers = dataset.spec.num_workers
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
-        persistent_workers=False,
         prefetch_factor=2 if workers else None,
         multiprocessing_context="spawn" if workers else None,
     )

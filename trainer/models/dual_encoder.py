@@ -32,7 +32,9 @@ class DualEncoder(nn.Module):
         self.image_tower, self.text_tower = image_tower, text_tower
         self.image_proj = nn.Linear(image_tower.num_features, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_tower.num_features, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # Shape (1,), not a 0-dim scalar: DeepSpeed's parameter broadcast views every parameter as
+        # bytes, which a 0-dim tensor cannot do.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
         self.freeze_text = freeze_text
         if freeze_text:
@@ -54,7 +56,7 @@ class DualEncoder(nn.Module):
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Embeddings:
         # Clamping in the forward (rather than in place after the step, as open_clip does) keeps
         # the parameter untouched, which matters when ZeRO-3 owns its storage.
-        scale = self.logit_scale.clamp(max=self.max_log_scale)
+        scale = self.logit_scale.clamp(max=self.max_log_scale)[0]
         return Embeddings(self.encode_image(image), self.encode_text(input_ids, attention_mask), scale)
 
 

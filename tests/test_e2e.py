@@ -1,0 +1,87 @@
+"""End-to-end runs through the real CLI: Ray Train + DeepSpeed, kill and resume, ZeRO-3.
+
+Slow by nature (each starts DeepSpeed in two processes); kept to a handful of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HILUM, ROOT, tiny_config, write_config
+from trainer.checkpoint import latest_complete, list_complete
+
+pytestmark = pytest.mark.slow
+
+
+def hilum(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*HILUM, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, f"hilum {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ray_train_two_workers_zero2(phantom_dir, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(phantom_dir, tmp_path / "runs"))
+    proc = hilum("train", "--config", str(cfg))
+    run_dir = tmp_path / "runs" / "t"
+    assert "ZeRO stage 2" in proc.stderr and "2 workers" in proc.stderr
+    assert [c.step for c in list_complete(run_dir)] == [3, 6]
+    assert logged_steps(run_dir) == [2, 4, 6]
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["samples"] == 64 and 0.0 <= ev["zero_shot"]["accuracy"] <= 1.0
+    assert set(ev["retrieval"]) == {"image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5"}
+    assert sorted(p.name for p in (run_dir / "metrics_targets").iterdir()) == ["rank0.json", "rank1.json"]
+    assert "zero-shot accuracy" in proc.stdout
+    # A second `train` into the same run directory must not clobber it.
+    again = subprocess.run([*HILUM, "train", "--config", str(cfg)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_sigkill_after_checkpoint_then_resume_continues_at_next_step(phantom_dir, tmp_path):
+    raw = tiny_config(phantom_dir, tmp_path / "runs", train={"max_steps": 14, "log_every": 1, "checkpoint_every": 4},
+                      cluster={"launcher": "local"}, eval={"at_end": False})
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    run_dir = tmp_path / "runs" / "t"
+    proc = subprocess.Popen([*HILUM, "train", "--config", str(cfg)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 420
+        while latest_complete(run_dir) is None:
+            assert proc.poll() is None, "training exited before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = latest_complete(run_dir).step
+    assert killed_at < 14
+    steps_before = logged_steps(run_dir)
+
+    out = hilum("resume", str(run_dir))
+    assert f"continuing at step {killed_at + 1}" in out.stderr
+    after = logged_steps(run_dir)[len(steps_before):]
+    assert after == list(range(killed_at + 1, 15))
+    assert latest_complete(run_dir).step == 14
+
+
+def test_zero3_local_launcher_resume_extends_run(phantom_dir, tmp_path):
+    raw = tiny_config(phantom_dir, tmp_path / "runs", train={"max_steps": 4, "checkpoint_every": 2, "zero_stage": 3},
+                      cluster={"launcher": "local"})
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    hilum("train", "--config", str(cfg))
+    run_dir = tmp_path / "runs" / "t"
+    assert latest_complete(run_dir).step == 4
+    out = hilum("train", "--config", str(cfg), "--resume", "--set", "train.max_steps=6")
+    assert "continuing at step 5" in out.stderr
+    assert logged_steps(run_dir)[-2:] == [4, 6]
+    assert json.loads((run_dir / "eval.json").read_text())["step"] == 6

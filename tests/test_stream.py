@@ -1,0 +1,170 @@
+"""The stream: exact epoch coverage across ranks × loader workers, resume, corrupt samples, fsspec."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import simple_samples
+from trainer.data.shards import load_manifest, write_shards
+from trainer.data.stream import (
+    Preprocess,
+    ShardStream,
+    StreamPosition,
+    StreamSpec,
+    batches_per_epoch,
+    make_loader,
+)
+
+
+class FakeTokenize:
+    """Stands in for a tokenizer only where text content is irrelevant to the property tested."""
+
+    def __call__(self, texts):
+        return {"input_ids": torch.zeros(len(texts), 4, dtype=torch.long), "attention_mask": torch.ones(len(texts), 4, dtype=torch.long)}
+
+
+PRE = Preprocess(image_size=16, augment=True, brightness=0.1, contrast=0.1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(simple_samples(96), str(out), "train", samples_per_shard=20)  # 5 shards: 20,20,20,20,16
+    return out / "train.json"
+
+
+def keys_of(batches):
+    return [k["__key__"] for b in batches for k in b["meta"]]
+
+
+def rank_batches(manifest, spec, rank, position=None):
+    return list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize(), rank, position)))
+
+
+def test_manifest_counts_and_relative_urls(shards):
+    m = load_manifest(str(shards))
+    assert [s.num_samples for s in m.shards] == [20, 20, 20, 20, 16]
+    assert all(Path(s.url).is_file() for s in m.shards)
+
+
+def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(shards):
+    m = load_manifest(str(shards))
+    spec = StreamSpec(batch_size=6, world_size=2, num_workers=2, seed=3, shuffle_buffer=8)
+    per_rank = [rank_batches(m, spec, r) for r in range(2)]
+    assert [len(b) for b in per_rank] == [batches_per_epoch(m, spec)] * 2 == [8, 8]
+    # equal batch shapes on both ranks, step by step (distributed steps stay in lockstep)
+    assert [b["image"].shape for b in per_rank[0]] == [b["image"].shape for b in per_rank[1]]
+    keys = keys_of(per_rank[0]) + keys_of(per_rank[1])
+    assert len(keys) == len(set(keys)) == 96
+    # batches alternate between the two loader workers
+    assert [b["_worker"] for b in per_rank[0]] == [0, 1] * 4
+
+
+def test_epochs_reshuffle_and_are_reproducible(shards):
+    m = load_manifest(str(shards))
+    spec = StreamSpec(batch_size=8, world_size=1, num_workers=0, seed=1)
+    e0 = keys_of(rank_batches(m, spec, 0, StreamPosition(epoch=0)))
+    e1 = keys_of(rank_batches(m, spec, 0, StreamPosition(epoch=1)))
+    assert sorted(e0) == sorted(e1) and e0 != e1
+    assert keys_of(rank_batches(m, spec, 0, StreamPosition(epoch=0))) == e0
+
+
+def test_resume_mid_epoch_continues_with_the_next_unseen_batch(shards):
+    m = load_manifest(str(shards))
+    spec = StreamSpec(batch_size=5, world_size=2, num_workers=2, seed=7, shuffle_buffer=10)
+    full = rank_batches(m, spec, 1)
+    for consumed in (1, 3, 4):
+        offsets = [0, 0]
+        for b in full[:consumed]:
+            offsets[b["_worker"]] = b["_offset"]
+        rest = rank_batches(m, spec, 1, StreamPosition(0, consumed, offsets))
+        assert keys_of(rest) == keys_of(full[consumed:])
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[consumed:]))  # same augmentation
+
+
+def _corrupt_copy(src: Path, dst_dir: Path) -> Path:
+    """Copy the shards, replacing one sample's PNG bytes with garbage and another's JSON."""
+    dst_dir.mkdir()
+    m = load_manifest(str(src))
+    for spec in m.shards:
+        with tarfile.open(spec.url) as tin, tarfile.open(dst_dir / Path(spec.url).name, "w") as tout:
+            for member in tin.getmembers():
+                data = tin.extractfile(member).read()
+                if member.name == "s00003.png":
+                    data = b"not a png"
+                if member.name == "s00010.json":
+                    data = b"{broken"
+                member.size = len(data)
+                tout.addfile(member, io.BytesIO(data))
+    (dst_dir / "train.json").write_text(src.read_text())
+    return dst_dir / "train.json"
+
+
+def test_corrupt_samples_are_skipped_counted_and_shapes_hold(shards, tmp_path, caplog):
+    m = load_manifest(str(_corrupt_copy(shards, tmp_path / "bad")))
+    spec = StreamSpec(batch_size=8, world_size=1, num_workers=0, seed=0, shuffle=False)
+    batches = rank_batches(m, spec, 0)
+    skipped = {}
+    for b in batches:
+        for reason, n in b["_skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    assert skipped == {"bad_image": 1, "bad_json": 1}
+    assert all(b["image"].shape[0] == 8 for b in batches)
+    keys = keys_of(batches)
+    assert "s00003" not in keys and "s00010" not in keys
+    assert "s00003" in caplog.text and "s00010" in caplog.text  # named in the log
+
+
+def test_missing_shard_is_logged_not_fatal(shards, tmp_path, caplog):
+    import json
+
+    raw = json.loads(shards.read_text())
+    for spec in raw["shards"]:
+        spec["url"] = str(shards.parent / spec["url"])
+    raw["shards"].append({"url": str(tmp_path / "gone.tar"), "num_samples": 20})
+    (tmp_path / "m.json").write_text(json.dumps(raw))
+    m = load_manifest(str(tmp_path / "m.json"))
+    batches = rank_batches(m, StreamSpec(batch_size=8, world_size=1, num_workers=0, shuffle=False), 0)
+    assert len(batches) == batches_per_epoch(m, StreamSpec(batch_size=8)) and "gone.tar" in caplog.text
+
+
+def test_stream_reads_through_fsspec_memory_filesystem():
+    write_shards(simple_samples(24, prefix="m"), "memory://hilum-test/shards", "train", samples_per_shard=10)
+    m = load_manifest("memory://hilum-test/shards/train.json")
+    assert m.shards[0].url.startswith("memory://")
+    batches = rank_batches(m, StreamSpec(batch_size=6, world_size=1, num_workers=0), 0)
+    assert sorted(keys_of(batches)) == [f"m{i:05d}" for i in range(24)]
+
+
+def test_impossible_split_is_refused_up_front(shards):
+    m = load_manifest(str(shards))
+    with pytest.raises(ValueError, match="cannot feed"):
+        ShardStream(m, StreamSpec(batch_size=1, world_size=64, num_workers=2), PRE, FakeTokenize())
+
+
+def test_endless_stream_crosses_epochs_in_order_after_resume(shards):
+    import itertools
+
+    from trainer.loop import advance
+
+    m = load_manifest(str(shards))
+    spec = StreamSpec(batch_size=6, world_size=2, num_workers=2, seed=5, shuffle_buffer=8)
+    per_epoch = batches_per_epoch(m, spec)
+
+    def take(position, n):
+        stream = ShardStream(m, spec, PRE, FakeTokenize(), 0, position, epochs=None)
+        return list(itertools.islice(iter(make_loader(stream)), n))
+
+    full = take(StreamPosition(), 2 * per_epoch + 2)
+    assert [b["_epoch"] for b in full] == [0] * per_epoch + [1] * per_epoch + [2, 2]
+    position = StreamPosition()
+    for b in full[:3]:
+        position = advance(position, b, spec.workers)
+    rest = take(position, len(full) - 3)
+    assert keys_of(rest) == keys_of(full[3:])
+    assert [b["_epoch"] for b in rest] == [b["_epoch"] for b in full[3:]]
