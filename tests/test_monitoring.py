@@ -19,7 +19,7 @@ def test_endpoint_serves_step_metrics_on_loopback(tmp_path):
         assert f"hilum_samples_per_second{{{labels}}} 64.0" in body
         assert f"hilum_step{{{labels}}} 7.0" in body
         assert f'hilum_loss{{{labels},term="clip"}} 2.5' in body
-        assert f'hilum_bad_samples_total{{{labels},reason="bad_image"}} 2.0' in body
+        assert 'hilum_bad_samples_total{node="n0",rank="1",reason="bad_image",run="run-a"} 2.0' in body
         assert f"hilum_samples_total{{{labels}}} 32.0" in body
         m.write_target(tmp_path)
         target = json.loads((tmp_path / "rank1.json").read_text())
