@@ -156,6 +156,44 @@ def save_checkpoint(w: Worker, state: TrainState) -> None:
     log.info("checkpoint %s saved in %.1fs", path, seconds)
 
 
+class Progress:
+    """Throughput over the steps since the last log line, the console line, metrics.jsonl, metrics."""
+
+    def __init__(self, w: Worker) -> None:
+        self.w = w
+        self.last: dict[str, Any] = {}
+        self.restart_window()
+
+    def restart_window(self) -> None:
+        self.window_start, self.window_samples = time.perf_counter(), 0
+
+    def step_done(self, state: TrainState, batch: dict[str, Any], values: dict[str, float],
+                  data_seconds: float, step_seconds: float, report: Reporter | None) -> None:
+        w, cfg = self.w, self.w.cfg
+        samples = len(batch["text"])
+        self.window_samples += samples
+        losses = {k: v for k, v in values.items() if k != "logit_scale"}
+        if w.metrics:
+            w.metrics.observe_step(state.step, samples, step_seconds, data_seconds, losses, values["logit_scale"], batch["_skipped"])
+        if state.step % cfg.train.log_every and state.step != cfg.train.max_steps:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        rate = self.window_samples / elapsed * w.info.world_size if elapsed > 0 else 0.0
+        loss = all_reduce_mean(values["loss"], w.device)  # collective: every rank logs at the same steps
+        self.last = {"step": state.step, "epoch": state.position.epoch, "loss": loss, "samples_per_second": rate,
+                     "lr": w.engine.get_lr()[0], **{k: v for k, v in values.items() if k != "loss"}}
+        if w.info.is_main:
+            terms = " ".join(f"{t.name} {values[t.name]:.4f}" for t in cfg.objectives)
+            log.info("step %d/%d | loss %.4f | %s | %.0f samples/s | step %.3fs (data %.3fs) | lr %.2e | scale %.1f",
+                     state.step, cfg.train.max_steps, loss, terms, rate, step_seconds, data_seconds,
+                     self.last["lr"], values["logit_scale"])
+            with open(w.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(self.last) + "\n")
+        if report:
+            report(self.last)
+        self.restart_window()
+
+
 def advance(position: StreamPosition, batch: dict[str, Any], workers: int) -> StreamPosition:
     """The stream position after consuming ``batch``."""
     if batch["_epoch"] != position.epoch:
@@ -181,9 +219,7 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
              cfg.run.name, w.info.world_size, cfg.train.zero_stage, w.device.type, str(w.dtype).split(".")[-1],
              manifest.num_samples, steps_per_epoch, cfg.train.max_steps)
 
-    last: dict[str, Any] = {}
-    window_start, window_samples = time.perf_counter(), 0
-    saved_at = state.step
+    progress = Progress(w)
     stream = ShardStream(manifest, spec, w.train_preprocess, w.tokenize, w.info.rank, state.position, epochs=None)
     batches = iter(make_loader(stream))
     while state.step < cfg.train.max_steps:
@@ -193,43 +229,18 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
         values = train_step(w, batch)
         state.step += 1
         state.position = advance(state.position, batch, spec.workers)
-        now = time.perf_counter()
-        samples = len(batch["text"])
-        window_samples += samples
-        if w.metrics:
-            w.metrics.observe_step(state.step, samples, now - t_data, t_step - t_data,
-                                   {k: v for k, v in values.items() if k != "logit_scale"},
-                                   values["logit_scale"], batch["_skipped"])
-
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-            elapsed = now - window_start
-            rank_rate = window_samples / elapsed if elapsed > 0 else 0.0
-            loss = all_reduce_mean(values["loss"], w.device)
-            last = {"step": state.step, "epoch": state.position.epoch, "loss": loss,
-                    "samples_per_second": rank_rate * w.info.world_size,
-                    "lr": w.engine.get_lr()[0], **{k: v for k, v in values.items() if k != "loss"}}
-            if w.info.is_main:
-                terms = " ".join(f"{t.name} {values[t.name]:.4f}" for t in cfg.objectives)
-                log.info("step %d/%d | loss %.4f | %s | %.0f samples/s | step %.3fs (data %.3fs) | lr %.2e | scale %.1f",
-                         state.step, cfg.train.max_steps, loss, terms, last["samples_per_second"],
-                         now - t_data, t_step - t_data, last["lr"], values["logit_scale"])
-                with open(w.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(last) + "\n")
-            if report:
-                report(last)
-            window_start, window_samples = time.perf_counter(), 0
+        progress.step_done(state, batch, values, data_seconds=t_step - t_data, step_seconds=time.perf_counter() - t_data, report=report)
 
         every = cfg.train.checkpoint_every
         if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
             save_checkpoint(w, state)
-            saved_at = state.step
+            progress.restart_window()  # checkpoint time is not training throughput
         if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.max_steps:
             run_eval(w, state.step)
+            progress.restart_window()
     del batches  # stops the loader processes
 
-    if saved_at != state.step:
-        save_checkpoint(w, state)
-    result = {"train": last}
+    result = {"train": progress.last}
     if cfg.eval.at_end:
         ev = run_eval(w, state.step)
         if ev is not None:
