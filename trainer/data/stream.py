@@ -263,7 +263,7 @@ class Preprocess:
 
 
 class ShardStream(IterableDataset):
-    """One rank's share of one epoch, as batches; see the module docstring for the plan."""
+    """One rank's share of the stream as batches, epoch after epoch; see the module docstring."""
 
     def __init__(
         self,
