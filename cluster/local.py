@@ -10,7 +10,6 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -29,11 +28,10 @@ def _worker(local_rank: int, world_size: int, port: int, cfg: "HilumConfig", res
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world_size),
     )
-    torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
-    from trainer.engine import pick_device
+    from trainer.engine import dist_backend, pick_device
     from trainer.loop import train
 
-    backend = "nccl" if pick_device(cfg.cluster.device, local_rank).type == "cuda" else "gloo"
+    backend = dist_backend(pick_device(cfg.cluster.device, local_rank).type)
     dist.init_process_group(backend, rank=local_rank, world_size=world_size)
     try:
         result = train(cfg, resume_from)

@@ -6,14 +6,11 @@ Ray owns placement and the process group (gloo on CPU, NCCL on GPU); the worker 
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from launch.config import HilumConfig
-
-log = logging.getLogger("hilum.cluster")
 
 
 def _use_gpu(cfg: "HilumConfig") -> bool:
@@ -28,28 +25,25 @@ def _use_gpu(cfg: "HilumConfig") -> bool:
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
-    import torch
 
     from trainer.loop import train
 
-    cfg = loop_config["cfg"]
-    torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
-    result = train(cfg, loop_config["resume_from"], report=lambda metrics: ray.train.report(metrics))
+    result = train(loop_config["cfg"], loop_config["resume_from"], report=lambda metrics: ray.train.report(metrics))
     if result.get("eval"):
         ray.train.report({**result.get("train", {}), "eval": result["eval"]})
 
 
-def worker_env(cfg: "HilumConfig", use_gpu: bool) -> dict[str, str]:
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
+# DS_ACCELERATOR is not here: trainer.engine sets it from the device it picks, before importing
+# DeepSpeed, whichever launcher started the worker.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
 def run_ray(cfg: "HilumConfig", resume_from: str | None = None) -> dict[str, Any]:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.engine import dist_backend
 
     address = cfg.cluster.address
     if not ray.is_initialized():
@@ -59,14 +53,13 @@ def run_ray(cfg: "HilumConfig", resume_from: str | None = None) -> dict[str, Any
             cpus = max(os.cpu_count() or 1, int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999))
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
     use_gpu = _use_gpu(cfg)
-    env = worker_env(cfg, use_gpu)
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"cfg": cfg, "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir.resolve() / "ray"), worker_runtime_env={"env_vars": env}),
+        torch_config=TorchConfig(backend=dist_backend("cuda" if use_gpu else "cpu")),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir.resolve() / "ray"), worker_runtime_env={"env_vars": WORKER_ENV}),
     )
     result = trainer.fit()
     return dict(result.metrics or {})

@@ -170,7 +170,7 @@ class HilumConfig(_Section):
         return self.model_dump(mode="json")
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the math; a resumed run warns if it differs."""
+        """Hash of the whole resolved config, recorded in each checkpoint's COMPLETE marker."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -225,7 +225,7 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
         node[last] = value
 
 
-def _suggest(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+def _suggest(loc: tuple[Any, ...]) -> str:
     """'did you mean' for a misspelled key, from the fields of the section it sits in."""
     model: Any = HilumConfig
     for part in loc[:-1]:
@@ -241,13 +241,13 @@ def _suggest(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> str:
+def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in _DISCRIMINATED_TAGS))
         field = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {field}: unknown key{_suggest(loc, raw)}")
+            lines.append(f"  {field}: unknown key{_suggest(loc)}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
@@ -283,7 +283,7 @@ def build_config(raw: dict[str, Any] | None, overrides: list[str] = (), source: 
     try:
         return HilumConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, tree, source)) from None
+        raise ConfigError(_format_errors(err, source)) from None
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] = ()) -> HilumConfig:
@@ -295,10 +295,6 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] = ()) -> Hilu
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"invalid configuration ({path}): the top level must be a mapping")
     return build_config(raw, overrides, source=str(path))
 
 

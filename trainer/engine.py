@@ -27,6 +27,11 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def dist_backend(device_type: str) -> str:
+    """The collective backend for a device type: NCCL on CUDA, gloo on CPU."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
 def prepare_deepspeed_env(device_type: str) -> None:
     """Must run before deepspeed is imported: it picks its accelerator at import time."""
     if device_type == "cpu":
@@ -77,8 +82,7 @@ def build_engine(model: nn.Module, cfg: "HilumConfig", world_size: int, device: 
     prepare_deepspeed_env(device.type)
     import deepspeed
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=dist_backend(device.type))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),

@@ -71,6 +71,9 @@ class Worker:
 def build_worker(cfg: "HilumConfig") -> Worker:
     info = worker_info()
     setup_logging(info)
+    # One intra-op thread pool per CPU granted: OpenMP threads spinning on cores another worker
+    # holds made small matmuls 5x slower on a 2-core machine.
+    torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     device = pick_device(cfg.cluster.device, info.local_rank)
     dtype = pick_dtype(cfg.train.precision, device)
