@@ -14,6 +14,18 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Without a GPU, the Triton kernels run in Triton's CPU interpreter; it must be chosen before
+# triton is first imported.
+if _no_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 HILUM = [sys.executable, "-m", "launch.cli"]
 

@@ -1,4 +1,4 @@
-"""The clip term under 2 gloo processes equals the single-process global-batch loss and gradient."""
+"""Under 2 gloo processes, the clip term and the sharded InfoNCE equal one process on the global batch."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _rank(rank, port, queue):
     loss.backward()
     # The engine averages parameter gradients over ranks; do the same for the features' share.
     # Plain lists: tensors would travel as shared memory that dies with this process.
-    queue.put((rank, float(loss), (local_img.grad / 2).tolist(), (local_txt.grad / 2).tolist(), float(scale.grad)))
+    queue.put((rank, float(loss.detach()), (local_img.grad / 2).tolist(), (local_txt.grad / 2).tolist(), float(scale.grad)))
     dist.destroy_process_group()
 
 
@@ -55,8 +55,95 @@ def test_gathered_loss_and_gradients_equal_global_batch():
     results = sorted(queue.get() for _ in range(2))
     for rank, r_loss, g_img, g_txt, g_scale in results:
         rows = slice(rank * 4, rank * 4 + 4)
-        assert r_loss == float(loss)
-        # The gather's backward sums over ranks (x2); the engine's mean over ranks halves it.
+        assert r_loss == pytest.approx(float(loss.detach()), rel=1e-12)
+        # Gradients come back scaled by the world size; the engine's mean over ranks undoes it.
         torch.testing.assert_close(torch.tensor(g_img, dtype=torch.float64), img.grad[rows], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(torch.tensor(g_txt, dtype=torch.float64), txt.grad[rows], rtol=1e-12, atol=1e-14)
-        assert g_scale == pytest.approx(float(scale.grad), rel=1e-12)
+    # each rank's temperature gradient is twice its stripes' share; the engine's mean is the total
+    assert sum(r[4] for r in results) / 2 == pytest.approx(float(scale.grad), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# infonce_loss_distributed: sharded stripes + reduce-scatter vs one process on the whole batch
+
+CASES = [(kind, impl) for kind in ("hard", "correlation", "labels") for impl in ("torch", "triton")]
+PER_RANK, WIDTH = 5, 7  # awkward sizes: not a multiple of any tile
+
+
+def _global_problem(kind):
+    """Global features and, per sample, the data soft targets are built from."""
+    g = torch.Generator().manual_seed(42)
+    n = 2 * PER_RANK
+    img = torch.nn.functional.normalize(torch.randn(n, WIDTH, generator=g, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(n, WIDTH, generator=g, dtype=torch.float64), dim=1)
+    data = {}
+    if kind == "correlation":
+        data["emb"] = torch.randn(n, 6, generator=g, dtype=torch.float64) + 2 * torch.randn(1, 6, generator=g, dtype=torch.float64)
+    if kind == "labels":
+        data["vocab"] = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        labels = torch.randint(-1, 5, (n, 2), generator=g)
+        labels[:, 0] = labels[:, 0].clamp_min(0)
+        data["labels"] = labels
+    return img, txt, data
+
+
+def _targets(kind, data, rows):
+    from kernels import LabelSimilarityTargets, ReportCorrelationTargets
+
+    if kind == "correlation":
+        return ReportCorrelationTargets(data["emb"][rows])
+    if kind == "labels":
+        return LabelSimilarityTargets.from_label_embeddings(data["vocab"], data["labels"][rows], data["labels"][rows])
+    return None
+
+
+def _dist_rank(rank, port, queue, cases):
+    from kernels import infonce_loss_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    for kind, impl in cases:
+        img, txt, data = _global_problem(kind)
+        dtype = torch.float64 if impl == "torch" else torch.float32
+        for mode in ("exact", "data_parallel"):
+            a = img[rows].to(dtype).clone().requires_grad_()
+            b = txt[rows].to(dtype).clone().requires_grad_()
+            s = torch.tensor(2.2, dtype=dtype, requires_grad=True)
+            loss = infonce_loss_distributed(a, b, s, _targets(kind, data, rows), grad_reduction=mode, impl=impl,
+                                            chunk_size=3, fp32_precision="ieee")
+            loss.backward()
+            queue.put((kind, impl, mode, rank, float(loss.detach()), a.grad.double().tolist(),
+                       b.grad.double().tolist(), float(s.grad)))
+    dist.destroy_process_group()
+
+
+def test_distributed_loss_equals_single_process_global_batch():
+    from kernels import infonce_loss_reference
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_dist_rank, args=(free_port(), queue, CASES), nprocs=2, start_method="spawn")
+    results = [queue.get() for _ in range(len(CASES) * 2 * 2)]
+    for kind, impl, mode, rank, loss, g_img, g_txt, g_scale in results:
+        img, txt, data = _global_problem(kind)
+        img.requires_grad_(), txt.requires_grad_()
+        s = torch.tensor(2.2, dtype=torch.float64, requires_grad=True)
+        want = infonce_loss_reference(img, txt, s, _targets(kind, data, slice(None)))
+        want.backward()
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        factor = 2.0 if mode == "data_parallel" else 1.0  # the engine's average over 2 ranks undoes it
+        tol = dict(rtol=1e-9, atol=1e-12) if impl == "torch" else dict(rtol=1e-4, atol=1e-6)
+        label = f"{kind}/{impl}/{mode}/rank{rank}"
+        assert loss == pytest.approx(float(want), rel=tol["rtol"]), label
+        torch.testing.assert_close(torch.tensor(g_img, dtype=torch.float64) / factor, img.grad[rows], **tol, msg=label)
+        torch.testing.assert_close(torch.tensor(g_txt, dtype=torch.float64) / factor, txt.grad[rows], **tol, msg=label)
+        # data_parallel: each rank holds world × its stripes' share; their mean is the global gradient
+        if mode == "exact":
+            assert g_scale == pytest.approx(float(s.grad), rel=tol["rtol"]), label
+    for kind, impl in CASES:
+        shares = [r[7] for r in results if r[:3] == (kind, impl, "data_parallel")]
+        img, txt, data = _global_problem(kind)
+        s = torch.tensor(2.2, dtype=torch.float64, requires_grad=True)
+        infonce_loss_reference(img, txt, s, _targets(kind, data, slice(None))).backward()
+        assert sum(shares) / 2 == pytest.approx(float(s.grad), rel=1e-9 if impl == "torch" else 1e-4), (kind, impl)

@@ -103,7 +103,8 @@ def train_step(w: Worker, batch: dict[str, Any]) -> dict[str, float]:
         batch["input_ids"].to(w.device),
         batch["attention_mask"].to(w.device),
     )
-    inputs = ObjectiveInputs(out.image.float(), out.text.float(), out.logit_scale.float(), gather=gather_with_grad)
+    # Features stay in the model dtype (bf16 on GPUs): the loss kernels accumulate in float32.
+    inputs = ObjectiveInputs(out.image, out.text, out.logit_scale.float(), gather=gather_with_grad)
     terms = {term.name: w.objectives[term.name](inputs) for term in w.cfg.objectives}
     total = sum(term.weight * terms[term.name] for term in w.cfg.objectives)
     w.engine.backward(total)

@@ -7,21 +7,24 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kernels import infonce_loss
+from kernels import infonce_loss, infonce_loss_distributed
 from trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
 
 
 class ClipConfig(TermConfig):
     name: Literal["clip"]
     gather: bool = Field(True, description="use every rank's samples as negatives")
+    impl: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="loss implementation: fused Triton kernel on CUDA, chunked PyTorch elsewhere"
+    )
 
 
 @register_objective("clip", ClipConfig)
 class ClipObjective(Objective):
-    """Every rank computes the loss over the gathered global batch.
+    """The loss over the global batch, each rank computing its own rows and columns of it.
 
-    The gather's backward returns each rank's share of the gradient, and the engine averages
-    gradients over ranks, so the update is the gradient of the global-batch loss.
+    Gradients come back scaled for the engine's average over ranks (``data_parallel``), so the
+    update is the gradient of the global-batch loss.
     """
 
     config: ClipConfig
@@ -29,5 +32,6 @@ class ClipObjective(Objective):
     def forward(self, inputs: ObjectiveInputs) -> torch.Tensor:
         img, txt = inputs.image_features, inputs.text_features
         if self.config.gather:
-            img, txt = inputs.gather(img), inputs.gather(txt)
-        return infonce_loss(img, txt, inputs.logit_scale)
+            return infonce_loss_distributed(img, txt, inputs.logit_scale, grad_reduction="data_parallel",
+                                            impl=self.config.impl)
+        return infonce_loss(img, txt, inputs.logit_scale, impl=self.config.impl)
