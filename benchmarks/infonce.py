@@ -39,6 +39,7 @@ LOG_SCALE = math.log(1 / 0.07)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 OUT: Path | None = None
 DEVICE = "cuda"
+TILES: TileConfig | None = None  # bf16/fp16 tiles for the hilum runs; None = default_config
 DEADLINE = math.inf  # perf_counter() after which measurements are skipped (--budget-s)
 
 
@@ -99,7 +100,11 @@ def make_targets(kind: str, b: int, dtype: torch.dtype, emb_dim: int = 512, seed
 def loss_fn(impl: str, targets=None, config: TileConfig | None = None, precision: str = "tf32x3"):
     """A callable (img, txt, log_scale) -> loss for each implementation."""
     if impl == "hilum":
-        return lambda a, b, s: infonce_loss(a, b, s, targets, impl="triton", tile_config=config, fp32_precision=precision)
+        def f(a, b, s):
+            tiles = config or (TILES if a.dtype != torch.float32 else None)
+            return infonce_loss(a, b, s, targets, impl="triton", tile_config=tiles, fp32_precision=precision)
+
+        return f
     if impl == "hilum-torch":
         return lambda a, b, s: infonce_loss(a, b, s, targets, impl="torch", chunk_size=4096)
     if impl == "open_clip":
@@ -167,7 +172,7 @@ def errors(b: int, d: int, impls: list[str], dtypes: list[str], kinds: list[str]
     """Loss and gradient error of each implementation against float64 on the same rounded inputs."""
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        for kind in kinds:
+        for kind in kinds if dtype != torch.float32 else ["hard"]:
             if time.perf_counter() > DEADLINE:
                 emit(what="error", dtype=dtype_name, targets=kind, skipped="time budget")
                 continue
@@ -179,8 +184,8 @@ def errors(b: int, d: int, impls: list[str], dtypes: list[str], kinds: list[str]
             ref = infonce_loss(ref_a, ref_b, ref_s, targets, impl="torch", chunk_size=2048)
             ref.backward()
             for impl in impls:
-                if kind != "hard" and impl not in ("hilum", "hilum-torch"):
-                    continue
+                if kind != "hard" and (impl not in ("hilum", "hilum-torch") or dtype == torch.float32):
+                    continue  # soft targets: only hilum has them; float32 soft kernels cost long compiles
                 precisions = ["tf32x3", "tf32"] if impl == "hilum" and dtype == torch.float32 else ["tf32x3"]
                 for precision in precisions:
                     a = img.detach().clone().requires_grad_()
@@ -220,6 +225,7 @@ def main() -> None:
     p.add_argument("--no-anchors", action="store_true")
     p.add_argument("--sweep-size", type=int, default=65536)
     p.add_argument("--out", type=Path)
+    p.add_argument("--tiles", type=Path, help="JSON of TileConfig fields for bf16/fp16 runs (benchmarks/infonce_kernels.py --pick)")
     p.add_argument("--budget-s", type=float, default=math.inf, help="skip measurements after this many seconds")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
     args = p.parse_args()
@@ -230,6 +236,10 @@ def main() -> None:
         import bench_anchors
 
         timed = bench_anchors.timed  # noqa: F811 - the very same protocol as the anchors' numbers
+    global TILES
+    if args.tiles and args.tiles.exists():
+        TILES = TileConfig(**json.loads(args.tiles.read_text()))
+        emit(what="tiles", **dataclasses.asdict(TILES))
     what = args.what.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
     dtypes = args.dtypes.split(",")
@@ -244,6 +254,9 @@ def main() -> None:
     if "loss" in what:
         for b in sizes:
             for dtype in dtypes:
+                if dtype == "fp32" and b > args.anchor_max:
+                    bench("hilum", b, args.dim, dtype, precision="tf32", reps=3)  # tf32x3: ~4x slower
+                    continue
                 bench("hilum", b, args.dim, dtype, reps=5 if b <= 131072 else 3)
                 if dtype == "fp32":
                     bench("hilum", b, args.dim, dtype, precision="tf32", reps=5 if b <= 131072 else 3)

@@ -48,12 +48,13 @@ class TileConfig:
     bwd_bd: int = 512  # columns of the gradient one program accumulates; capped at next_pow2(D)
     bwd_warps: int = 8
     bwd_stages: int = 2
+    bwd_dot16: bool = True  # 16-bit inputs: gradient products in fp16 (see ``backward``)
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRETED: tl.constexpr = tl.constexpr(_INTERPRETED)
 # Small tiles keep the CPU interpreter fast enough for tests.
-_INTERPRETER_CONFIG = TileConfig(32, 32, 32, 4, 1, 32, 32, 32, 64, 4, 1)
+_INTERPRETER_CONFIG = TileConfig(32, 32, 32, 4, 1, 32, 32, 32, 64, 4, 1, True)
 
 
 def default_config(dtype: torch.dtype) -> TileConfig:
@@ -62,7 +63,7 @@ def default_config(dtype: torch.dtype) -> TileConfig:
     if _INTERPRETED:
         return _INTERPRETER_CONFIG
     if dtype == torch.float32:
-        return TileConfig(fwd_stages=2, bwd_stages=1)
+        return TileConfig(fwd_bn=64, fwd_bk=32, fwd_stages=2, bwd_bk=32, bwd_bd=128, bwd_stages=1)
     return TileConfig()
 
 
@@ -159,15 +160,17 @@ def _fwd_kernel(X, Y, SCALE, n, m, D, sx, sy, ro, co,
             valid = mi[:, None] & mj[None, :]
             z = _tile_dot(X, Y, offs_i, offs_j, mi, mj, D, sx, sy, BM, BN, BK, PREC) * s2
             zm = tl.where(valid, z, float("-inf"))
-            w = _target_weights(ro + offs_i, co + offs_j, mi, mj, T0, T1, T2, st0, lam, n_vocab, K, L,
-                                TMODE, BM, BN, BK, PREC)
-            wz = w * tl.where(valid, z, 0.0)
+            if TMODE != 0:  # hard targets need no tile: the host reads the diagonal logits
+                w = _target_weights(ro + offs_i, co + offs_j, mi, mj, T0, T1, T2, st0, lam, n_vocab, K, L,
+                                    TMODE, BM, BN, BK, PREC)
+                wz = w * tl.where(valid, z, 0.0)
             if HAS_ROW:
                 m_new = tl.maximum(m_i, tl.max(zm, 1))
                 l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(zm - m_new[:, None]), 1)
                 m_i = m_new
-                wl_i += tl.sum(wz, 1)
-                ws_i += tl.sum(w, 1)
+                if TMODE != 0:
+                    wl_i += tl.sum(wz, 1)
+                    ws_i += tl.sum(w, 1)
             if HAS_COL:
                 c_max = tl.max(zm, 0)
                 c_sum = tl.sum(tl.exp2(zm - c_max[None, :]), 0)
@@ -177,7 +180,7 @@ def _fwd_kernel(X, Y, SCALE, n, m, D, sx, sy, ro, co,
                 p_sum = p_sum * tl.exp2(p_max - new_max) + c_sum * tl.exp2(c_max - new_max)
                 tl.store(CP_MAX + cp + offs_j, new_max, mask=mj)
                 tl.store(CP_SUM + cp + offs_j, p_sum, mask=mj)
-                if TMODE != 0:  # hard targets: the host takes the diagonal logit directly
+                if TMODE != 0:
                     inv_r = 1.0 / rn
                     p_w = tl.load(CP_W + cp + offs_j, mask=mj, other=0.0)
                     p_wl = tl.load(CP_WL + cp + offs_j, mask=mj, other=0.0)
@@ -204,16 +207,40 @@ def _row_sums_kernel(n, m, ro, co, T0, T1, T2, st0, lam, n_vocab, K, L, OUT,
 
 
 @triton.jit
-def _delta(z, lse_r2, lse_c2, rn, cn, w, valid, row_coef, col_coef,
-           HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr):
-    """∂loss/∂logits for one tile; z are base-2 logits, lse_*2 base-2 log-sum-exps."""
-    t = w / rn[:, None]
-    d = tl.zeros_like(z)
+def _softmax_grad(z, lse_r2, lse_c2, valid, row_coef, col_coef, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr):
+    """The softmax part of ∂loss/∂logits for one tile; z are base-2 logits, lse_*2 base-2 LSEs."""
     if HAS_ROW:
-        d += row_coef * (tl.exp2(z - lse_r2[:, None]) - t)
-    if HAS_COL:
-        d += col_coef * (tl.exp2(z - lse_c2[None, :]) - t / cn[None, :])
+        d = row_coef * tl.exp2(z - lse_r2[:, None])
+        if HAS_COL:
+            d += col_coef * tl.exp2(z - lse_c2[None, :])
+    else:
+        d = col_coef * tl.exp2(z - lse_c2[None, :])
     return tl.where(valid, d, 0.0)
+
+
+@triton.jit
+def _identity_coef(row_coef, col_coef, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr):
+    if HAS_ROW:
+        if HAS_COL:
+            c = row_coef + col_coef
+        else:
+            c = row_coef
+    else:
+        c = col_coef
+    return c
+
+
+@triton.jit
+def _target_grad(w, rn, cn, row_coef, col_coef, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr):
+    """The target part of ∂loss/∂logits (to subtract) for soft targets."""
+    t = w / rn[:, None]
+    if HAS_ROW:
+        g = row_coef * t
+        if HAS_COL:
+            g += col_coef * t / cn[None, :]
+    else:
+        g = col_coef * t / cn[None, :]
+    return g
 
 
 @triton.jit
@@ -241,21 +268,28 @@ def _bwd_rows_kernel(X, Y, SCALE, GSCALE, n, m, D, sx, sy, ro, co,
         mj = offs_j < m
         valid = mi[:, None] & mj[None, :]
         z = _tile_dot(X, Y, offs_i, offs_j, mi, mj, D, sx, sy, BM, BN, BK, PREC) * s2
-        w = _target_weights(ro + offs_i, co + offs_j, mi, mj, T0, T1, T2, st0, lam, n_vocab, K, L,
-                            TMODE, BM, BN, BK, PREC)
         lse_c2 = tl.zeros((BN,), tl.float32)
         if HAS_COL:
             lse_c2 = tl.load(LSE_C + offs_j, mask=mj, other=0.0) * 1.4426950408889634
-        if TMODE != 0 and HAS_COL:
-            cn = tl.load(CN + offs_j, mask=mj, other=1.0)
-        else:
-            cn = tl.full((BN,), 1.0, tl.float32)
-        d = _delta(z, lse_r2, lse_c2, rn, cn, w, valid, row_coef, col_coef, HAS_ROW, HAS_COL)
+        d = _softmax_grad(z, lse_r2, lse_c2, valid, row_coef, col_coef, HAS_ROW, HAS_COL)
+        if TMODE != 0:
+            w = _target_weights(ro + offs_i, co + offs_j, mi, mj, T0, T1, T2, st0, lam, n_vocab, K, L,
+                                TMODE, BM, BN, BK, PREC)
+            if HAS_COL:
+                cn = tl.load(CN + offs_j, mask=mj, other=1.0)
+            else:
+                cn = tl.full((BN,), 1.0, tl.float32)
+            d -= _target_grad(w, rn, cn, row_coef, col_coef, HAS_ROW, HAS_COL)
         y = tl.load(Y + offs_j[:, None].to(tl.int64) * sy + offs_d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
         if DOT16:
             acc = _mma(d.to(tl.float16), y.to(tl.float16), acc, PREC)
         else:
             acc = _mma(d.to(y.dtype), y, acc, PREC)
+    if TMODE == 0:  # identity targets: subtract (row_coef + col_coef) · y of each row's partner
+        pj = ro + offs_i - co
+        mp = mi & (pj >= 0) & (pj < m)
+        yp = tl.load(Y + pj[:, None].to(tl.int64) * sy + offs_d[None, :], mask=mp[:, None] & md[None, :], other=0.0)
+        acc -= _identity_coef(row_coef, col_coef, HAS_ROW, HAS_COL) * yp.to(tl.float32)
     x = tl.load(X + offs_i[:, None].to(tl.int64) * sx + offs_d[None, :], mask=mi[:, None] & md[None, :], other=0.0)
     tl.store(DLS + tl.program_id(1).to(tl.int64) * n + offs_i, tl.sum(x.to(tl.float32) * acc, 1), mask=mi)
     gs = tl.load(GSCALE)
@@ -288,21 +322,25 @@ def _bwd_cols_kernel(X, Y, SCALE, GSCALE, n, m, D, sx, sy, ro, co,
         mi = offs_i < n
         valid = mi[:, None] & mj[None, :]
         z = _tile_dot(X, Y, offs_i, offs_j, mi, mj, D, sx, sy, BM, BN, BK, PREC) * s2
-        w = _target_weights(ro + offs_i, co + offs_j, mi, mj, T0, T1, T2, st0, lam, n_vocab, K, L,
-                            TMODE, BM, BN, BK, PREC)
         lse_r2 = tl.zeros((BM,), tl.float32)
         if HAS_ROW:
             lse_r2 = tl.load(LSE_R + offs_i, mask=mi, other=0.0) * 1.4426950408889634
+        d = _softmax_grad(z, lse_r2, lse_c2, valid, row_coef, col_coef, HAS_ROW, HAS_COL)
         if TMODE != 0:
+            w = _target_weights(ro + offs_i, co + offs_j, mi, mj, T0, T1, T2, st0, lam, n_vocab, K, L,
+                                TMODE, BM, BN, BK, PREC)
             rn = tl.load(RN + offs_i, mask=mi, other=1.0)
-        else:
-            rn = tl.full((BM,), 1.0, tl.float32)
-        d = _delta(z, lse_r2, lse_c2, rn, cn, w, valid, row_coef, col_coef, HAS_ROW, HAS_COL)
+            d -= _target_grad(w, rn, cn, row_coef, col_coef, HAS_ROW, HAS_COL)
         x = tl.load(X + offs_i[:, None].to(tl.int64) * sx + offs_d[None, :], mask=mi[:, None] & md[None, :], other=0.0)
         if DOT16:
             acc = _mma(tl.trans(d.to(tl.float16)), x.to(tl.float16), acc, PREC)
         else:
             acc = _mma(tl.trans(d.to(x.dtype)), x, acc, PREC)
+    if TMODE == 0:  # identity targets: subtract (row_coef + col_coef) · x of each column's partner
+        pi = co + offs_j - ro
+        mp = mj & (pi >= 0) & (pi < n)
+        xp = tl.load(X + pi[:, None].to(tl.int64) * sx + offs_d[None, :], mask=mp[:, None] & md[None, :], other=0.0)
+        acc -= _identity_coef(row_coef, col_coef, HAS_ROW, HAS_COL) * xp.to(tl.float32)
     gs = tl.load(GSCALE)
     tl.store(DY + offs_j[:, None].to(tl.int64) * sdy + offs_d[None, :], (acc * gs).to(DY.dtype.element_ty),
              mask=mj[:, None] & md[None, :])
@@ -386,6 +424,8 @@ def forward(block: Block, config: TileConfig | None = None, fp32_precision: str 
     stats = BlockStats()
     if block.has_row:
         stats.row_lse, stats.row_wl, stats.row_ws = row
+        if not block.soft:  # image i's text is text row_offset + i, a column of this block
+            stats.row_wl = _diagonal_logits(x, y[block.row_offset - block.col_offset :][:n], block.scale)
     if block.has_col:
         p_max, p_sum, p_w, p_wl = parts
         top = p_max.max(0).values
@@ -406,8 +446,9 @@ def _diagonal_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, chun
 
 def backward(
     block: Block, stats: BlockStats, row_coef: float, col_coef: float, grad: torch.Tensor,
-    config: TileConfig | None = None, fp32_precision: str = "tf32x3",
+    config: TileConfig | None = None, fp32_precision: str = "tf32x3", which: str = "both",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``which`` ("rows" or "cols") runs one of the two kernels: for profiling only."""
     config = config or default_config(block.x.dtype)
     x, y = block.x, block.y
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
@@ -434,8 +475,10 @@ def backward(
               t0, t1, t2, st0, lam, v, k, l, rn, cn, lse_r, lse_c, float(row_coef / norm), float(col_coef / norm))
     meta = dict(HAS_ROW=block.has_row, HAS_COL=block.has_col, TMODE=mode, BM=config.bwd_bm, BN=config.bwd_bn,
                 BK=config.bwd_bk, BD=bd, PREC=_precision(x.dtype, fp32_precision),
-                DOT16=x.dtype != torch.float32, num_warps=config.bwd_warps, num_stages=config.bwd_stages)
-    _bwd_rows_kernel[(triton.cdiv(n, config.bwd_bm), splits)](x, y, *common, dx, dx.stride(0), dls, **meta)
-    _bwd_cols_kernel[(triton.cdiv(m, config.bwd_bn), splits)](x, y, *common, dy, dy.stride(0), **meta)
+                DOT16=config.bwd_dot16 and x.dtype != torch.float32, num_warps=config.bwd_warps, num_stages=config.bwd_stages)
+    if which in ("both", "rows"):
+        _bwd_rows_kernel[(triton.cdiv(n, config.bwd_bm), splits)](x, y, *common, dx, dx.stride(0), dls, **meta)
+    if which in ("both", "cols"):
+        _bwd_cols_kernel[(triton.cdiv(m, config.bwd_bn), splits)](x, y, *common, dy, dy.stride(0), **meta)
     dscale = dls.sum() * gscale[0]
     return dx, dy, dscale
