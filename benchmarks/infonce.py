@@ -271,7 +271,8 @@ def main() -> None:
                 bench("hilum", b, args.dim, "bf16", kind=kind, reps=5 if b <= 131072 else 3, tag="soft")
     if "config" in what:
         emit(what="config", bf16=dataclasses.asdict(default_config(torch.bfloat16)),
-             fp32=dataclasses.asdict(default_config(torch.float32)))
+             fp32_tf32x3=dataclasses.asdict(default_config(torch.float32)),
+             fp32_tf32=dataclasses.asdict(default_config(torch.float32, "tf32")))
 
 
 if __name__ == "__main__":

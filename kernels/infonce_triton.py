@@ -35,19 +35,22 @@ LN2 = 0.6931471805599453
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Block sizes and launch options of the three kernels (see benchmarks/infonce.py --sweep)."""
+    """Block sizes and launch options of the kernels. Defaults: the fastest of the configurations
+    benchmarks/infonce_kernels.py compared on an H200 at B=65536, D=512, bf16
+    (benchmarks/RESULTS.md)."""
 
     fwd_bm: int = 128
-    fwd_bn: int = 128
+    fwd_bn: int = 64
     fwd_bk: int = 64
-    fwd_warps: int = 8
+    fwd_warps: int = 4
     fwd_stages: int = 3
     bwd_bm: int = 64
     bwd_bn: int = 64
     bwd_bk: int = 64
-    bwd_bd: int = 512  # columns of the gradient one program accumulates; capped at next_pow2(D)
-    bwd_warps: int = 8
-    bwd_stages: int = 2
+    bwd_bd: int = 256  # gradient columns one program accumulates (capped at next_pow2(D)); the
+    # logits are recomputed once per D/bwd_bd slice, but a 64×512 fp32 accumulator spills
+    bwd_warps: int = 4
+    bwd_stages: int = 3
     bwd_dot16: bool = True  # 16-bit inputs: gradient products in fp16 (see ``backward``)
 
 
@@ -57,13 +60,16 @@ INTERPRETED: tl.constexpr = tl.constexpr(_INTERPRETED)
 _INTERPRETER_CONFIG = TileConfig(32, 32, 32, 4, 1, 32, 32, 32, 64, 4, 1, True)
 
 
-def default_config(dtype: torch.dtype) -> TileConfig:
-    """Tiles measured on an H100 (benchmarks/RESULTS.md); float32 operands take twice the
-    shared memory per stage, so they pipeline one stage less."""
+def default_config(dtype: torch.dtype, fp32_precision: str = "tf32x3") -> TileConfig:
+    """Tiles measured on an H200 (benchmarks/RESULTS.md). Float32 operands take twice the shared
+    memory per stage, and tf32x3 keeps three operand splits in flight, so they get smaller tiles
+    (the larger ones do not fit the 227 KiB of shared memory)."""
     if _INTERPRETED:
         return _INTERPRETER_CONFIG
+    if dtype == torch.float32 and fp32_precision == "tf32x3":
+        return TileConfig(fwd_bk=32, fwd_warps=8, fwd_stages=2, bwd_bk=32, bwd_bd=128, bwd_warps=8, bwd_stages=1)
     if dtype == torch.float32:
-        return TileConfig(fwd_bn=64, fwd_bk=32, fwd_stages=2, bwd_bk=32, bwd_bd=128, bwd_stages=1)
+        return TileConfig(fwd_bn=128, fwd_warps=8, fwd_stages=2, bwd_bd=512, bwd_warps=8, bwd_stages=1)
     return TileConfig()
 
 
@@ -385,7 +391,7 @@ def _check_inputs(block: Block) -> None:
 
 
 def row_sums(block: Block, config: TileConfig | None = None, fp32_precision: str = "tf32x3") -> torch.Tensor:
-    config = config or default_config(block.x.dtype)
+    config = config or default_config(block.x.dtype, fp32_precision)
     n, m = block.x.shape[0], block.y.shape[0]
     dummy = torch.empty(1, device=block.x.device)
     mode, t0, t1, t2, st0, lam, v, k, l = _targets(block, dummy)
@@ -400,7 +406,7 @@ def row_sums(block: Block, config: TileConfig | None = None, fp32_precision: str
 
 def forward(block: Block, config: TileConfig | None = None, fp32_precision: str = "tf32x3") -> BlockStats:
     _check_inputs(block)
-    config = config or default_config(block.x.dtype)
+    config = config or default_config(block.x.dtype, fp32_precision)
     x, y = block.x, block.y
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     dev = x.device
@@ -449,7 +455,7 @@ def backward(
     config: TileConfig | None = None, fp32_precision: str = "tf32x3", which: str = "both",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``which`` ("rows" or "cols") runs one of the two kernels: for profiling only."""
-    config = config or default_config(block.x.dtype)
+    config = config or default_config(block.x.dtype, fp32_precision)
     x, y = block.x, block.y
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     dev = x.device

@@ -116,12 +116,19 @@ class ReportCorrelationTargets(SoftTargets):
 
     num_cols = num_rows  # type: ignore[assignment]
 
-    def unit_centered(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def unit_centered(self, dtype: torch.dtype | None = None, chunk: int = 8192) -> torch.Tensor:
+        """Each embedding centred over its dimensions and L2-normalised, so ``u_i · u_j = R_ij``.
+
+        Computed in float32 or wider a chunk of rows at a time, so the float32 temporaries stay
+        small when the result is stored in bf16.
+        """
         e = self.embeddings.detach()
         work = torch.promote_types(e.dtype, torch.float32)
-        e = e.to(work)
-        u = F.normalize(e - e.mean(dim=1, keepdim=True), dim=1)
-        return u.to(dtype or work)
+        out = torch.empty(e.shape, dtype=dtype or work, device=e.device)
+        for i in range(0, e.shape[0], chunk):
+            part = e[i : i + chunk].to(work)
+            out[i : i + chunk] = F.normalize(part - part.mean(dim=1, keepdim=True), dim=1)
+        return out
 
     def weights(self, rows: slice, cols: slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         u = self.unit_centered(torch.promote_types(dtype, torch.float32))

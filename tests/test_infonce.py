@@ -297,3 +297,43 @@ def test_dense_targets_wrapper_is_what_a_tensor_becomes():
     w = make_targets("dense", 6)
     s = torch.tensor(1.0, dtype=torch.float64)
     assert float(infonce_loss(img, txt, s, w)) == float(infonce_loss(img, txt, s, DenseTargets(w)))
+
+
+# --------------------------------------------------------------------------- target definitions
+
+
+def test_report_correlation_targets_follow_imitate_eq_3_and_4():
+    """R is the Pearson correlation of two samples' report embeddings (torch.corrcoef); the
+    smoothed weights are 1 − exp(−λR) off the diagonal and 1 on it."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(9, 16, generator=g, dtype=torch.float64) + torch.randn(1, 16, generator=g, dtype=torch.float64)
+    t = ReportCorrelationTargets(emb, lam=0.3)
+    r = torch.corrcoef(emb)
+    expected = 1 - torch.exp(-0.3 * r)
+    expected.fill_diagonal_(1.0)
+    torch.testing.assert_close(t.weights(slice(0, 9), slice(0, 9), torch.float64), expected)
+    # any tile is the matching slice of the whole
+    torch.testing.assert_close(t.weights(slice(2, 7), slice(4, 9), torch.float64), expected[2:7, 4:9])
+    torch.testing.assert_close(t.dense(), expected / expected.sum(1, keepdim=True))
+
+
+def test_label_similarity_targets_follow_medfilip_eq_4_and_5():
+    """s_ij = max over the labels of i and of j of the cosine similarity of their embeddings."""
+    g = torch.Generator().manual_seed(1)
+    vocab = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    rows = torch.tensor([[0, 3, -1], [2, -1, -1], [6, 1, 4]])
+    cols = torch.tensor([[5], [0], [3], [2]])
+    t = LabelSimilarityTargets.from_label_embeddings(vocab, rows, cols)
+    unit = F.normalize(vocab, dim=1)
+    for i in range(3):
+        for j in range(4):
+            best = max(float(unit[a] @ unit[b]) for a in rows[i].tolist() if a >= 0 for b in cols[j].tolist() if b >= 0)
+            assert float(t.weights(slice(i, i + 1), slice(j, j + 1), torch.float64)) == pytest.approx(max(best, 0.0), abs=1e-6)
+
+
+def test_correlation_embeddings_in_bf16_only_round_the_targets():
+    img, txt = features(30, 16, torch.float64, seed=2)
+    emb = torch.randn(30, 24, dtype=torch.float64) + 1.5
+    exact = infonce_loss(img, txt, torch.tensor(2.0, dtype=torch.float64), ReportCorrelationTargets(emb), impl="torch")
+    rounded = infonce_loss(img, txt, torch.tensor(2.0, dtype=torch.float64), ReportCorrelationTargets(emb.bfloat16()), impl="torch")
+    assert float(rounded) == pytest.approx(float(exact), rel=1e-4)
