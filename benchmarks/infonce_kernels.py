@@ -107,7 +107,7 @@ def main() -> None:
     stats = solve_block(make_backend("triton"), block)
     flop = 2 * b * b * d
     grad = torch.ones((), device="cuda")
-    base = dataclasses.asdict(tri.default_config(dtype))
+    base = dataclasses.asdict(tri.default_config(dtype, args.precision))
     best_fwd: tuple[float, str] = (float("inf"), "")
     best_bwd: dict[str, float] = {}
     for name in args.fwd.split(","):

@@ -26,7 +26,9 @@ reference elsewhere.
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,9 @@ import torch.nn.functional as F
 from kernels import infonce_torch
 from kernels.infonce_block import Block, BlockStats, block_loss
 from kernels.targets import DenseTargets, SoftTargets
+
+if TYPE_CHECKING:
+    from kernels.infonce_triton import TileConfig
 
 Impl = Literal["auto", "triton", "torch", "dense"]
 
@@ -69,34 +74,13 @@ def require_positive(name: str, sums: torch.Tensor) -> None:
         raise ValueError(f"soft targets: {name} {int(bad.nonzero()[0])} has weights summing to {float(sums[bad][0]):.4g}; they must sum to > 0")
 
 
-class _Backend:
-    """The two implementations of the block contract behind one interface."""
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the block contract (``kernels.infonce_block``), options bound."""
 
-    def __init__(self, impl: str, chunk_size: int, fp32_precision: str, tile_config: object | None) -> None:
-        self.impl, self.chunk, self.precision, self.tiles = impl, chunk_size, fp32_precision, tile_config
-
-    def _triton(self):
-        from kernels import infonce_triton
-
-        return infonce_triton, dict(fp32_precision=self.precision, config=self.tiles)
-
-    def row_sums(self, block: Block) -> torch.Tensor:
-        if self.impl == "triton":
-            mod, kw = self._triton()
-            return mod.row_sums(block, **kw)
-        return infonce_torch.row_sums(block, self.chunk)
-
-    def forward(self, block: Block) -> BlockStats:
-        if self.impl == "triton":
-            mod, kw = self._triton()
-            return mod.forward(block, **kw)
-        return infonce_torch.forward(block, self.chunk)
-
-    def backward(self, block: Block, stats: BlockStats, row_coef: float, col_coef: float, grad: torch.Tensor):
-        if self.impl == "triton":
-            mod, kw = self._triton()
-            return mod.backward(block, stats, row_coef, col_coef, grad, **kw)
-        return infonce_torch.backward(block, stats, row_coef, col_coef, grad, self.chunk)
+    row_sums: Callable[[Block], torch.Tensor]
+    forward: Callable[[Block], BlockStats]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def resolve_impl(impl: Impl, features: torch.Tensor) -> str:
@@ -108,11 +92,18 @@ def resolve_impl(impl: Impl, features: torch.Tensor) -> str:
 
 
 def make_backend(impl: str, chunk_size: int = infonce_torch.DEFAULT_CHUNK, fp32_precision: str = "tf32x3",
-                 tile_config: object | None = None) -> _Backend:
-    return _Backend(impl, chunk_size, fp32_precision, tile_config)
+                 tile_config: TileConfig | None = None) -> Backend:
+    if impl == "triton":  # imported on first use: importing triton costs a second
+        from kernels import infonce_triton as module
+
+        options: dict = dict(config=tile_config, fp32_precision=fp32_precision)
+    else:
+        module, options = infonce_torch, dict(chunk=chunk_size)
+    return Backend(partial(module.row_sums, **options), partial(module.forward, **options),
+                   partial(module.backward, **options))
 
 
-def solve_block(backend: _Backend, block: Block) -> BlockStats:
+def solve_block(backend: Backend, block: Block) -> BlockStats:
     """Forward of one block, filling in the target normalisers the backward needs."""
     if block.soft and block.has_col and block.row_norm is None:
         block.row_norm = backend.row_sums(block)
@@ -177,7 +168,7 @@ def infonce_loss(
     impl: Impl = "auto",
     chunk_size: int = infonce_torch.DEFAULT_CHUNK,
     fp32_precision: str = "tf32x3",
-    tile_config: object | None = None,
+    tile_config: TileConfig | None = None,
 ) -> torch.Tensor:
     """Bidirectional InfoNCE (see the module docstring for the exact convention).
 

@@ -16,7 +16,7 @@ row's normaliser, which the image→text stripe produces and one all-gather shar
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,9 @@ from kernels import infonce_torch
 from kernels.infonce import Impl, _as_targets, check_features, make_backend, require_positive, resolve_impl, solve_block
 from kernels.infonce_block import Block, block_loss
 from kernels.targets import DenseTargets, SoftTargets
+
+if TYPE_CHECKING:
+    from kernels.infonce_triton import TileConfig
 
 GradReduction = Literal["exact", "data_parallel"]
 
@@ -102,7 +105,7 @@ def infonce_loss_distributed(
     impl: Impl = "auto",
     chunk_size: int = infonce_torch.DEFAULT_CHUNK,
     fp32_precision: str = "tf32x3",
-    tile_config: object | None = None,
+    tile_config: TileConfig | None = None,
 ) -> torch.Tensor:
     """``infonce_loss`` over the concatenation of every rank's samples (same value on every rank).
 

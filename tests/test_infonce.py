@@ -144,7 +144,7 @@ def test_hard_targets_match_open_clip():
     assert ours[0] == pytest.approx(float(loss.detach()), rel=1e-12)
     torch.testing.assert_close(ours[1], a.grad, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(ours[2], b.grad, rtol=1e-10, atol=1e-13)
-    assert ours[3] == pytest.approx(float(s.grad) * float(s), rel=1e-10)  # chain rule through exp
+    assert ours[3] == pytest.approx(float(s.grad) * float(s.detach()), rel=1e-10)  # chain rule through exp
 
 
 def test_identity_soft_targets_equal_hard_targets():
@@ -330,10 +330,3 @@ def test_label_similarity_targets_follow_medfilip_eq_4_and_5():
             best = max(float(unit[a] @ unit[b]) for a in rows[i].tolist() if a >= 0 for b in cols[j].tolist() if b >= 0)
             assert float(t.weights(slice(i, i + 1), slice(j, j + 1), torch.float64)) == pytest.approx(max(best, 0.0), abs=1e-6)
 
-
-def test_correlation_embeddings_in_bf16_only_round_the_targets():
-    img, txt = features(30, 16, torch.float64, seed=2)
-    emb = torch.randn(30, 24, dtype=torch.float64) + 1.5
-    exact = infonce_loss(img, txt, torch.tensor(2.0, dtype=torch.float64), ReportCorrelationTargets(emb), impl="torch")
-    rounded = infonce_loss(img, txt, torch.tensor(2.0, dtype=torch.float64), ReportCorrelationTargets(emb.bfloat16()), impl="torch")
-    assert float(rounded) == pytest.approx(float(exact), rel=1e-4)
