@@ -19,7 +19,7 @@ float32 or wider whatever the input dtype (bf16 logits at logit scale 100 lose t
 digit).
 
 Implementations (``impl``): ``"triton"`` (fused CUDA kernel, ``kernels.infonce_triton``),
-``"torch"`` (chunked, O(chunk · B) memory, ``kernels.infonce_torch``), ``"dense"`` (the direct
+``"torch"`` (row chunks of at most 1M logits, ``kernels.infonce_torch``), ``"dense"`` (the direct
 formula, O(B²), the float64 test oracle). ``"auto"`` picks Triton for CUDA tensors and the chunked
 reference elsewhere.
 """

@@ -1,4 +1,4 @@
-"""The chunked PyTorch backend of ``kernels.infonce``: exact, O(chunk · B) memory, any device.
+"""The chunked PyTorch backend of ``kernels.infonce``: exact, bounded memory, any device.
 
 It walks the block in row chunks, so CPU training with large batches never holds the B×B
 logits, and it is the oracle the Triton kernel is tested against. Arithmetic is float32, or
@@ -14,6 +14,13 @@ import torch
 from kernels.infonce_block import Block, BlockStats
 
 DEFAULT_CHUNK = 1024
+# Each temporary holds at most this many logits (4 MiB in float32), whatever the batch: with
+# B = 65536 a chunk is 16 rows, so memory stays flat as the batch grows (GradCache relies on it).
+MAX_TILE_ELEMENTS = 1 << 20
+
+
+def _rows_per_chunk(chunk: int, columns: int) -> int:
+    return max(1, min(chunk, MAX_TILE_ELEMENTS // max(columns, 1)))
 
 
 def _compute_dtype(block: Block) -> torch.dtype:
@@ -34,6 +41,7 @@ def _weights(block: Block, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor
 def row_sums(block: Block, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     dt = _compute_dtype(block)
     n = block.x.shape[0]
+    chunk = _rows_per_chunk(chunk, block.y.shape[0])
     return torch.cat([_weights(block, r0, min(r0 + chunk, n), dt).sum(1) for r0 in range(0, n, chunk)])
 
 
@@ -41,6 +49,7 @@ def forward(block: Block, chunk: int = DEFAULT_CHUNK) -> BlockStats:
     dt = _compute_dtype(block)
     x, y, s = block.x.to(dt), block.y.to(dt), block.scale.to(dt)
     n, m = x.shape[0], y.shape[0]
+    chunk = _rows_per_chunk(chunk, m)
     st = BlockStats()
     if block.has_row:
         st.row_lse, st.row_wl, st.row_ws = (torch.empty(n, dtype=dt, device=x.device) for _ in range(3))
@@ -75,6 +84,7 @@ def backward(
     dt = _compute_dtype(block)
     x, y, s = block.x.to(dt), block.y.to(dt), block.scale.to(dt)
     n = x.shape[0]
+    chunk = _rows_per_chunk(chunk, y.shape[0])
     dx = torch.empty_like(x)
     dy = torch.zeros_like(y)
     dscale = torch.zeros((), dtype=dt, device=x.device)

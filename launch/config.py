@@ -101,6 +101,15 @@ class TrainSection(_Section):
     )
 
 
+class GradCacheSection(_Section):
+    """Gradient caching: the contrastive batch per rank is ``data.batch_size`` (the global one
+    ``ranks × data.batch_size``), encoded ``chunk_size`` samples at a time, so activation memory
+    follows the chunk while the loss sees every negative."""
+
+    enabled: bool = False
+    chunk_size: int = Field(64, ge=1, description="samples per encoder pass; the last chunk may be smaller")
+
+
 class ClusterSection(_Section):
     launcher: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Train TorchTrainer; local: one process per worker on this node, no Ray"
@@ -149,6 +158,7 @@ class HilumConfig(_Section):
     )
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    gradcache: GradCacheSection = Field(default_factory=GradCacheSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     monitoring: MonitoringSection = Field(default_factory=MonitoringSection)
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -160,6 +170,11 @@ class HilumConfig(_Section):
             raise ValueError(f"objective names must be unique, got {names}")
         if sum(term.weight for term in self.objectives) <= 0:
             raise ValueError("at least one objective needs a weight > 0")
+        if self.gradcache.enabled and self.gradcache.chunk_size > self.data.batch_size:
+            raise ValueError(
+                f"gradcache.chunk_size ({self.gradcache.chunk_size}) is larger than data.batch_size "
+                f"({self.data.batch_size}), the contrastive batch per rank it divides"
+            )
         return self
 
     @property

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from trainer.gradcache import num_chunks
+
 if TYPE_CHECKING:  # the schema belongs to launch/, which trainer/ never imports at run time
     from launch.config import HilumConfig
 
@@ -40,10 +42,15 @@ def prepare_deepspeed_env(device_type: str) -> None:
 
 def deepspeed_config(cfg: "HilumConfig", world_size: int, dtype: torch.dtype) -> dict[str, Any]:
     o, t = cfg.optim, cfg.train
+    # GradCache makes one backward per chunk: the engine accumulates them and steps once a batch.
+    micro, accumulate = cfg.data.batch_size, 1
+    if cfg.gradcache.enabled:
+        micro = cfg.gradcache.chunk_size
+        accumulate = num_chunks(cfg.data.batch_size, micro)
     return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.data.batch_size * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulate,
+        "train_batch_size": micro * accumulate * world_size,
         "optimizer": {
             "type": "AdamW",
             # torch_adam: DeepSpeed's fused Adam would JIT-build a C++/CUDA op; torch's is as fast here.

@@ -8,6 +8,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -22,6 +23,7 @@ from trainer.data.text import Tokenize
 from trainer.distributed import WorkerInfo, all_reduce_mean, gather_with_grad, worker_info
 from trainer.engine import build_engine, pick_device, pick_dtype
 from trainer.evaluate import evaluate
+from trainer.gradcache import gradcache_backward
 from trainer.models.dual_encoder import build_model
 from trainer.objectives import ObjectiveInputs, build_objectives
 
@@ -96,22 +98,36 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics)
 
 
+def weighted_objective(w: Worker, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The configured terms on one batch's features and their weighted sum."""
+    terms = {term.name: w.objectives[term.name](inputs) for term in w.cfg.objectives}
+    return sum(term.weight * terms[term.name] for term in w.cfg.objectives), terms
+
+
+def plain_backward(w: Worker, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One forward over the whole per-rank batch and its backward; the caller steps."""
+    out = w.engine(*batch)
+    # Features stay in the model dtype (bf16 on GPUs): the loss kernels accumulate in float32.
+    total, terms = weighted_objective(w, ObjectiveInputs(out.image, out.text, out.logit_scale.float(), gather=gather_with_grad))
+    w.engine.backward(total)
+    return total.detach(), {k: v.detach() for k, v in terms.items()}, out.logit_scale.detach()
+
+
+def step_backward(w: Worker, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Every backward of one training step, plain or gradient-cached; the optimizer step is left."""
+    tensors = (batch["image"].to(w.device, w.dtype), batch["input_ids"].to(w.device), batch["attention_mask"].to(w.device))
+    if w.cfg.gradcache.enabled:
+        return gradcache_backward(w.engine, tensors, w.cfg.gradcache.chunk_size, partial(weighted_objective, w), w.device)
+    return plain_backward(w, tensors)
+
+
 def train_step(w: Worker, batch: dict[str, Any]) -> dict[str, float]:
     """Forward, weighted objective terms, backward, optimizer step. Returns each term's value."""
-    out = w.engine(
-        batch["image"].to(w.device, w.dtype),
-        batch["input_ids"].to(w.device),
-        batch["attention_mask"].to(w.device),
-    )
-    # Features stay in the model dtype (bf16 on GPUs): the loss kernels accumulate in float32.
-    inputs = ObjectiveInputs(out.image, out.text, out.logit_scale.float(), gather=gather_with_grad)
-    terms = {term.name: w.objectives[term.name](inputs) for term in w.cfg.objectives}
-    total = sum(term.weight * terms[term.name] for term in w.cfg.objectives)
-    w.engine.backward(total)
+    total, terms, logit_scale = step_backward(w, batch)
     w.engine.step()
-    values = {name: float(v.detach()) for name, v in terms.items()}
-    values["loss"] = float(total.detach())
-    values["logit_scale"] = float(out.logit_scale.detach().exp())
+    values = {name: float(v) for name, v in terms.items()}
+    values["loss"] = float(total)
+    values["logit_scale"] = float(logit_scale.exp())
     return values
 
 

@@ -16,6 +16,7 @@ class Embeddings(NamedTuple):
     image: torch.Tensor  # (B, E), unit norm
     text: torch.Tensor  # (B, E), unit norm
     logit_scale: torch.Tensor  # scalar: log inverse temperature, clamped
+    text_pooled: torch.Tensor | None = None  # frozen text tower's output, reusable (GradCache)
 
 
 class DualEncoder(nn.Module):
@@ -43,21 +44,34 @@ class DualEncoder(nn.Module):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image_tower(image)), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's pooled output (before the projection)."""
         if self.freeze_text:
             # A frozen tower needs no graph: its forward costs inference memory only.
             with torch.no_grad():
                 self.text_tower.eval()
-                pooled = self.text_tower(input_ids, attention_mask)
-        else:
-            pooled = self.text_tower(input_ids, attention_mask)
-        return F.normalize(self.text_proj(pooled), dim=-1)
+                return self.text_tower(input_ids, attention_mask)
+        return self.text_tower(input_ids, attention_mask)
 
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Embeddings:
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_features(input_ids, attention_mask)), dim=-1)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        text_pooled: torch.Tensor | None = None,
+    ) -> Embeddings:
+        """``text_pooled``: a frozen text tower's output from an earlier pass over the same batch,
+        so GradCache's second pass skips that tower."""
         # Clamping in the forward (rather than in place after the step, as open_clip does) keeps
         # the parameter untouched, which matters when ZeRO-3 owns its storage.
         scale = self.logit_scale.clamp(max=self.max_log_scale)[0]
-        return Embeddings(self.encode_image(image), self.encode_text(input_ids, attention_mask), scale)
+        if text_pooled is None:
+            text_pooled = self.text_features(input_ids, attention_mask)
+        text = F.normalize(self.text_proj(text_pooled), dim=-1)
+        return Embeddings(self.encode_image(image), text, scale, text_pooled if self.freeze_text else None)
 
 
 def build_model(model_cfg, in_chans: int, vocab_size: int) -> DualEncoder:  # noqa: ANN001 - ModelSection

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""GradCache: peak memory and samples/s against the effective batch at a fixed chunk, next to
+the plain step, through the real worker (DeepSpeed engine, objectives, loss kernel).
+
+Each configuration runs in its own process (one rank, world size 1), so peak memory is its own:
+CUDA's peak allocated memory on a GPU, the peak resident set above the process's state after
+building the worker on CPU.
+
+    python benchmarks/gradcache.py --batches 256,1024,4096 --chunk 64               # tiny model, CPU
+    python benchmarks/gradcache.py --model resnet50-bert --batches 512,4096,65536 --chunk 256  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# ResNet-50 + BERT-base as in the anchors' open_clip measurement (random init, ctx 128).
+RESNET50_BERT = {
+    "data": {"image_size": 224, "in_chans": 3, "context_length": 128},
+    "model": {
+        "embed_dim": 512,
+        "image": {"model": "resnet50", "kwargs": {}},
+        "text": {"config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                            "intermediate_size": 3072, "max_position_embeddings": 512}},
+    },
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """One configuration in this process: build the worker, run warm-up and timed steps."""
+    import torch
+
+    from launch.config import build_config, parse_yaml
+    from trainer.loop import build_worker, train_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    raw = parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text())
+    if args.model == "resnet50-bert":
+        for section, values in RESNET50_BERT.items():
+            for key, value in values.items():
+                if isinstance(value, dict) and isinstance(raw[section].get(key), dict):
+                    raw[section][key] = {**raw[section][key], **value}
+                else:
+                    raw[section][key] = value
+    raw["model"]["text"]["tokenizer"] = str(Path(args.data) / "tokenizer")
+    raw["data"]["batch_size"] = args.batch
+    raw["gradcache"] = {"enabled": args.gradcache, "chunk_size": min(args.chunk, args.batch)}
+    raw["monitoring"] = {"enabled": False}
+    raw["run"]["output_dir"] = "/tmp/hilum-bench"
+    cfg = build_config(raw)
+    w = build_worker(cfg)
+    d = cfg.data
+    batch = {
+        "image": torch.randn(args.batch, d.in_chans, d.image_size, d.image_size),
+        "input_ids": torch.randint(5, len(w.tokenize.tokenizer), (args.batch, d.context_length)),
+        "attention_mask": torch.ones(args.batch, d.context_length, dtype=torch.long),
+    }
+    cuda = w.device.type == "cuda"
+    base = torch.cuda.memory_allocated() if cuda else rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    train_step(w, batch)  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        values = train_step(w, batch)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"what": "gradcache", "model": args.model, "device": str(w.device), "gradcache": args.gradcache,
+            "batch": args.batch, "chunk": min(args.chunk, args.batch) if args.gradcache else None,
+            "samples_per_s": args.batch / seconds, "step_s": seconds, "peak_extra_MiB": (peak - base) / 2**20,
+            "loss": values["loss"], "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "resnet50-bert"], default="tiny")
+    p.add_argument("--batches", default="256,1024,4096")
+    p.add_argument("--plain-batches", help="batches for the plain step (default: the same)")
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--data", default=str(ROOT / "data" / "phantom"), help="a phantom data set (for its tokenizer)")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--fixed-mmap", action="store_true",
+                   help="CPU: fixed glibc mmap threshold, so freed activations leave the resident set and the "
+                        "peak shows live memory (glibc's adaptive threshold otherwise keeps them in a fragmented "
+                        "heap); slower, so measure speed without it")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--gradcache", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=29777, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(measure(args)), flush=True)
+        return
+    if not (Path(args.data) / "tokenizer").exists():
+        from trainer.data.phantom_dataset import build_phantom_dataset
+
+        build_phantom_dataset(args.data, n_train=256, n_test=64, size=64, seed=0, samples_per_shard=64)
+    runs = [(b, True) for b in map(int, args.batches.split(","))]
+    runs += [(b, False) for b in map(int, (args.plain_batches or args.batches).split(","))]
+    for batch, gradcache in runs:
+        cmd = [sys.executable, __file__, "--one", "--model", args.model, "--batch", str(batch), "--chunk", str(args.chunk),
+               "--steps", str(args.steps), "--data", args.data] + (["--gradcache"] if gradcache else [])
+        env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if args.fixed_mmap else {})}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if lines:
+            result = json.loads(lines[-1]) | {"fixed_mmap": args.fixed_mmap}
+        else:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            result = {"what": "gradcache", "batch": batch, "gradcache": gradcache, "error": tail[0][:300]}
+        print(json.dumps(result), flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

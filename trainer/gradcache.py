@@ -1,0 +1,108 @@
+"""GradCache: the contrastive loss over a batch whose activations do not fit in memory at once.
+
+After Gao et al. (2021, luyug/GradCache). Written here rather than taken from GradCache or
+sentence-transformers because neither works with a DeepSpeed engine (ZeRO-3 errors, "gradient
+computed twice" under ZeRO-2, gradients of all but the last chunk lost) and their functional
+APIs drop the CUDA RNG state. One step:
+
+1. encode every chunk of the per-rank batch without a graph, recording the RNG state before
+   each chunk (CPU and the chunk's device);
+2. compute the objective on the cached features — gathered across ranks inside the loss, as in
+   a plain step — and back-propagate it to the cached features and the temperature only;
+3. re-encode each chunk with its RNG state restored (same dropout), back-propagate the
+   surrogate ``Σ cached_grad · features`` (plus ``grad · logit_scale`` once) through
+   ``engine.backward``, and call ``engine.step()``: the engine runs with
+   ``gradient_accumulation_steps = number of chunks``, so the optimizer steps once per batch
+   and every ZeRO stage reduces each parameter's accumulated gradient once.
+
+The surrogate's gradient is exactly the gradient of the full-batch loss, and the temperature's
+share goes through the same ``engine.backward`` as the encoders', so both get the same scaling
+(``scale_wrt_gas=False``: the surrogate already carries the full-batch loss's weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from trainer.distributed import gather_with_grad
+from trainer.objectives import ObjectiveInputs
+
+
+@dataclass
+class RngState:
+    """The random state that a chunk's forward consumes: CPU and, on CUDA, the chunk's device."""
+
+    cpu: torch.Tensor
+    cuda: tuple[int, torch.Tensor] | None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> "RngState":
+        cuda = None
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = (index, torch.cuda.get_rng_state(index))
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
+
+def chunk_slices(batch_size: int, chunk_size: int) -> list[slice]:
+    """Consecutive chunks of ``chunk_size`` covering the batch; the last may be smaller."""
+    return [slice(i, min(i + chunk_size, batch_size)) for i in range(0, batch_size, chunk_size)]
+
+
+def num_chunks(batch_size: int, chunk_size: int) -> int:
+    return -(-batch_size // chunk_size)
+
+
+Objective = Callable[[ObjectiveInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def gradcache_backward(
+    engine: Any,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    chunk_size: int,
+    objective: Objective,
+    device: torch.device,
+    replay_rng: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Both passes and every chunk's backward; the caller makes the final ``engine.step()``.
+
+    ``objective`` maps the cached features to (weighted total, per-term values). Returns those
+    and the logit scale. ``replay_rng=False`` exists only to show, in tests, what the replay buys.
+    """
+    image, input_ids, attention_mask = batch
+    slices = chunk_slices(image.shape[0], chunk_size)
+    states, cached = [], []
+    with torch.no_grad():
+        for part in slices:
+            states.append(RngState.capture(device))
+            cached.append(engine(image[part], input_ids[part], attention_mask[part]))
+    after_first_pass = RngState.capture(device)
+
+    image_features = torch.cat([c.image for c in cached]).detach().requires_grad_()
+    text_features = torch.cat([c.text for c in cached]).detach().requires_grad_()
+    logit_scale = cached[0].logit_scale.detach().float().requires_grad_()
+    total, terms = objective(ObjectiveInputs(image_features, text_features, logit_scale, gather=gather_with_grad))
+    # Leaves only: no parameter is reached, so no engine hook fires in this backward.
+    total.backward()
+
+    for index, part in enumerate(slices):
+        if replay_rng:
+            states[index].restore()
+        out = engine(image[part], input_ids[part], attention_mask[part], text_pooled=cached[index].text_pooled)
+        surrogate = (out.image.float() * image_features.grad[part].float()).sum()
+        surrogate = surrogate + (out.text.float() * text_features.grad[part].float()).sum()
+        if index == 0:
+            surrogate = surrogate + out.logit_scale.float() * logit_scale.grad
+        engine.backward(surrogate, scale_wrt_gas=False)
+        if index < len(slices) - 1:
+            engine.step()  # inside the accumulation window: advances DeepSpeed's micro-step only
+    after_first_pass.restore()  # the next step's randomness as if each chunk ran once
+    return total.detach(), {k: v.detach() for k, v in terms.items()}, logit_scale.detach()
