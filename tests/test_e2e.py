@@ -95,10 +95,12 @@ def test_gradcache_run_learns_like_a_plain_run(phantom_dir, tmp_path):
         raw = tiny_config(phantom_dir, tmp_path / name, train={"max_steps": 200, "log_every": 25, "checkpoint_every": 0},
                           data={"batch_size": 16}, cluster={"launcher": "local"}, gradcache=gradcache,
                           optim={"warmup_steps": 20})
-        hilum("train", "--config", str(write_config(tmp_path / f"{name}.yaml", raw)))
+        proc = hilum("train", "--config", str(write_config(tmp_path / f"{name}.yaml", raw)))
+        assert ("GradCache: contrastive batch 32 (16 per rank), encoded 6 at a time" in proc.stderr) == gradcache["enabled"]
         run_dir = tmp_path / name / "t"
         losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         results[name] = (losses, json.loads((run_dir / "eval.json").read_text())["zero_shot"]["accuracy"])
+    print("losses and zero-shot accuracy:", results)  # shown with -rP
     (plain_losses, plain_acc), (cached_losses, cached_acc) = results["plain"], results["cached"]
     # Only dropout masks differ (drawn per chunk instead of per batch); single-batch losses are
     # noisy, so compare the mean of the last four logged steps.

@@ -238,6 +238,9 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
     log.info("training %s: %d workers, ZeRO stage %d, %s/%s, %d samples, %d steps per epoch, %d steps",
              cfg.run.name, w.info.world_size, cfg.train.zero_stage, w.device.type, str(w.dtype).split(".")[-1],
              manifest.num_samples, steps_per_epoch, cfg.train.max_steps)
+    if cfg.gradcache.enabled:
+        log.info("GradCache: contrastive batch %d (%d per rank), encoded %d at a time",
+                 cfg.data.batch_size * w.info.world_size, cfg.data.batch_size, cfg.gradcache.chunk_size)
 
     progress = Progress(w)
     stream = ShardStream(manifest, spec, w.train_preprocess, w.tokenize, w.info.rank, state.position, epochs=None)
