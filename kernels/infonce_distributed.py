@@ -48,15 +48,30 @@ def _sum_to_owner(full: torch.Tensor, rank: int, rows: int, group: dist.ProcessG
     return full[rank * rows : (rank + 1) * rows]
 
 
+_VERIFIED_SIZES: set[tuple[int, int, int]] = set()
+
+
+def _check_equal_sizes(b: int, m: int, device: torch.device, group: dist.ProcessGroup | None) -> None:
+    """Collectives need the same rows on every rank; a mismatch would hang NCCL, so refuse it.
+
+    Checked once per (group, size): the check costs a collective and a host sync, and a training
+    loop repeats the same size every step.
+    """
+    key = (id(group), b, m)
+    if key in _VERIFIED_SIZES:
+        return
+    sizes = _all_gather(torch.tensor([[b, m]], device=device), group)
+    if not bool((sizes == b).all()):
+        raise ValueError(f"every rank must pass the same number of images and texts; got {sizes.tolist()}")
+    _VERIFIED_SIZES.add(key)
+
+
 class _DistributedInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, logit_scale, targets, backend, group, grad_reduction):  # type: ignore[override]
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         b = x.shape[0]
-        sizes = torch.tensor([b, y.shape[0]], device=x.device)
-        sizes_all = _all_gather(sizes[None], group)
-        if not bool((sizes_all == b).all()):
-            raise ValueError(f"every rank must pass the same number of images and texts; got {sizes_all.tolist()}")
+        _check_equal_sizes(b, y.shape[0], x.device, group)
         compute = torch.promote_types(x.dtype, torch.float32)
         scale = logit_scale.detach().to(compute).exp().reshape(())
         xg, yg = _all_gather(x.detach(), group), _all_gather(y.detach(), group)
