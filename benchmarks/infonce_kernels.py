@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from infonce import timed  # noqa: E402  - the same timing protocol as benchmarks/infonce.py
 from kernels import infonce_triton as tri  # noqa: E402
 from kernels.infonce import make_backend, solve_block  # noqa: E402
 from kernels.infonce_block import Block  # noqa: E402
@@ -35,20 +36,6 @@ def emit(**kw) -> None:
     if OUT is not None:
         with OUT.open("a") as f:
             f.write(line + "\n")
-
-
-def timed(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 FWD = {

@@ -20,6 +20,7 @@ products with float32 accumulation), like the logits themselves.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -37,22 +38,24 @@ def _gather_rows(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tens
     return torch.cat(parts, dim=0)
 
 
-class SoftTargets:
+class SoftTargets(ABC):
     """Base of the generated soft targets. ``num_rows``/``num_cols`` are global batch sizes."""
 
     mode: int
     num_rows: int
     num_cols: int
 
+    @abstractmethod
     def weights(self, rows: slice, cols: slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raise NotImplementedError
+        """Unnormalised weights of global rows ``rows`` against global columns ``cols``."""
 
+    @abstractmethod
     def triton_args(self) -> tuple[int, tuple[torch.Tensor, ...], float]:
         """(mode, tensors, scalar) for the kernel; see ``kernels.infonce_triton._target_weights``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def gather(self, group: dist.ProcessGroup | None = None) -> "SoftTargets":
-        raise NotImplementedError
+        """The same targets over every rank's samples (rank order)."""
 
     def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The row-stochastic target matrix ``T`` (O(B²): tests and small batches only)."""
