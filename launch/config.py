@@ -260,8 +260,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in _DISCRIMINATED_TAGS))
-        field = ".".join(str(p) for p in loc) or "<root>"
-        if e["type"] == "extra_forbidden":
+        field = ".".join(str(p) for p in loc)
+        if not field:  # a check across sections: its message names the fields
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key{_suggest(loc)}")
         else:
             got = e.get("input")
