@@ -55,6 +55,9 @@ class DataSection(_Section):
     context_length: int = Field(64, ge=8, le=4096)
     text: Literal["report", "findings", "impression"] = "report"
     augment: AugmentSection = Field(default_factory=AugmentSection)
+    # Passed to fsspec for manifest and shard URLs, e.g. {endpoint_url: "http://minio:9000"} for an
+    # S3-compatible store. Give credentials through the environment (AWS_ACCESS_KEY_ID, ...).
+    storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class ImageTowerSection(_Section):

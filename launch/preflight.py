@@ -25,7 +25,7 @@ def preflight(cfg: HilumConfig) -> None:
         if url is None or (field == "eval_manifest" and not (cfg.eval.at_end or cfg.eval.every_steps)):
             continue
         try:
-            manifests[field] = load_manifest(url)
+            manifests[field] = load_manifest(url, cfg.data.storage_options)
         except (OSError, ValueError) as err:
             problems.append(f"data.{field}: {err}")
     if "train_manifest" in manifests:

@@ -29,9 +29,10 @@ def encode_manifest(
     device: torch.device,
     dtype: torch.dtype,
     max_samples: int = 0,
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict[str, Any]]]:
     spec = StreamSpec(batch_size=batch_size, world_size=1, num_workers=0, shuffle=False)
-    stream = ShardStream(manifest, spec, preprocess, tokenize)
+    stream = ShardStream(manifest, spec, preprocess, tokenize, storage_options=storage_options)
     images, texts, reports, metas = [], [], [], []
     seen = 0
     for batch in make_loader(stream):
@@ -116,11 +117,13 @@ def evaluate(
     device: torch.device,
     dtype: torch.dtype,
     max_samples: int = 0,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     try:
-        img, txt, reports, metas = encode_manifest(model, manifest, preprocess, tokenize, batch_size, device, dtype, max_samples)
+        img, txt, reports, metas = encode_manifest(model, manifest, preprocess, tokenize, batch_size, device, dtype,
+                                                   max_samples, storage_options)
         classes = list(prompts)
         cls = class_embeddings(model, prompts, tokenize, device)
     finally:

@@ -143,7 +143,7 @@ def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     result = evaluate(
         w.engine.module,
-        load_manifest(cfg.data.eval_manifest),
+        load_manifest(cfg.data.eval_manifest, cfg.data.storage_options),
         w.eval_preprocess,
         w.tokenize,
         prompts,
@@ -151,6 +151,7 @@ def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
         w.device,
         w.dtype,
         cfg.eval.max_samples,
+        cfg.data.storage_options,
     )
     result["step"] = step
     if w.info.is_main:
@@ -232,7 +233,7 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
         log.info("resumed from %s: continuing at step %d (epoch %d, batch %d)",
                  resume_from, state.step + 1, state.position.epoch, state.position.batch)
 
-    manifest = load_manifest(cfg.data.train_manifest)
+    manifest = load_manifest(cfg.data.train_manifest, cfg.data.storage_options)
     spec = StreamSpec(cfg.data.batch_size, w.info.world_size, cfg.data.num_workers, cfg.run.seed, True, cfg.data.shuffle_buffer)
     steps_per_epoch = batches_per_epoch(manifest, spec)
     log.info("training %s: %d workers, ZeRO stage %d, %s/%s, %d samples, %d steps per epoch, %d steps",
@@ -243,7 +244,8 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
                  cfg.data.batch_size * w.info.world_size, cfg.data.batch_size, cfg.gradcache.chunk_size)
 
     progress = Progress(w)
-    stream = ShardStream(manifest, spec, w.train_preprocess, w.tokenize, w.info.rank, state.position, epochs=None)
+    stream = ShardStream(manifest, spec, w.train_preprocess, w.tokenize, w.info.rank, state.position,
+                         storage_options=cfg.data.storage_options, epochs=None)
     batches = iter(make_loader(stream))
     while state.step < cfg.train.max_steps:
         t_data = time.perf_counter()

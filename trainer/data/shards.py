@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
 import fsspec
+
+from trainer.data.storage import open_with_retry, redact_url
 import webdataset as wds
 
 
@@ -42,10 +44,10 @@ def _join(base: str, url: str) -> str:
 def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
     """Read a manifest through fsspec, resolving relative shard URLs against its location."""
     try:
-        with fsspec.open(url, "r", **(storage_options or {})) as f:
+        with open_with_retry(url, "r", storage_options) as f:
             raw = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"manifest not found: {url}") from None
+        raise FileNotFoundError(f"manifest not found: {redact_url(url)}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"manifest {url} is not valid JSON: {err}") from None
     shards = raw.get("shards") if isinstance(raw, dict) else None

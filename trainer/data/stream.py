@@ -32,7 +32,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image
@@ -41,6 +40,7 @@ from torchvision.transforms.v2 import functional as TF
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from trainer.data.shards import Manifest
+from trainer.data.storage import open_with_retry, redact_url
 
 log = logging.getLogger("hilum.data")
 
@@ -117,7 +117,7 @@ def _batch_sizes(per: int, batch_size: int) -> list[int]:
 
 
 def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> Any:
-    return fsspec.open(url, "rb", **(storage_options or {})).open()
+    return open_with_retry(url, "rb", storage_options)
 
 
 def iter_raw_samples(
@@ -140,7 +140,7 @@ def iter_raw_samples(
         try:
             stream = open_shard(shard.url, storage_options)
         except Exception as err:  # noqa: BLE001 - a missing shard is counted, not fatal
-            on_error(f"shard {shard.url}", err)
+            on_error(f"shard {redact_url(shard.url)}", err)
             continue
         try:
             files = tar_file_expander([{"url": shard.url, "stream": stream}], handler=_reraise)
@@ -151,7 +151,7 @@ def iter_raw_samples(
                     yield sample
                 position += 1
         except Exception as err:  # noqa: BLE001 - a truncated shard loses its tail, not the run
-            on_error(f"shard {shard.url} after sample {position - lo}", err)
+            on_error(f"shard {redact_url(shard.url)} after sample {position - lo}", err)
         finally:
             stream.close()
 
