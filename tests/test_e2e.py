@@ -107,4 +107,7 @@ def test_gradcache_run_learns_like_a_plain_run(phantom_dir, tmp_path):
     late_plain, late_cached = sum(plain_losses[-4:]) / 4, sum(cached_losses[-4:]) / 4
     assert late_cached < cached_losses[0] - 0.25, cached_losses
     assert late_cached == pytest.approx(late_plain, abs=0.15), (plain_losses, cached_losses)
-    assert abs(cached_acc - plain_acc) <= 0.2, (plain_acc, cached_acc)
+    # Zero-shot accuracy here is over ~55 single-label held-out samples after 200 steps: two plain
+    # runs have differed by 0.18, so this only catches a broken model (the loss curves above are
+    # the sharp check; the 500-step demo-size comparison is in the issue note).
+    assert abs(cached_acc - plain_acc) <= 0.3 and cached_acc > 0.1, (plain_acc, cached_acc)

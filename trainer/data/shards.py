@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
 import fsspec
+import webdataset as wds
 
 from trainer.data.storage import open_with_retry, redact_url
-import webdataset as wds
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,14 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
     except FileNotFoundError:
         raise FileNotFoundError(f"manifest not found: {redact_url(url)}") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"manifest {url} is not valid JSON: {err}") from None
+        raise ValueError(f"manifest {redact_url(url)} is not valid JSON: {err}") from None
     shards = raw.get("shards") if isinstance(raw, dict) else None
     if not isinstance(shards, list) or not shards:
-        raise ValueError(f"manifest {url}: expected a non-empty 'shards' list")
+        raise ValueError(f"manifest {redact_url(url)}: expected a non-empty 'shards' list")
     specs = []
     for i, s in enumerate(shards):
         if not isinstance(s, dict) or not isinstance(s.get("url"), str) or not isinstance(s.get("num_samples"), int):
-            raise ValueError(f"manifest {url}: shards[{i}] needs 'url' (string) and 'num_samples' (integer)")
+            raise ValueError(f"manifest {redact_url(url)}: shards[{i}] needs 'url' (string) and 'num_samples' (integer)")
         specs.append(ShardSpec(_join(url, s["url"]), s["num_samples"]))
     return Manifest(tuple(specs), source=url)
 
