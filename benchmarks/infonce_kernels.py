@@ -22,21 +22,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infonce import timed  # noqa: E402  - the same timing protocol as benchmarks/infonce.py
+import infonce as bench  # noqa: E402  - its timing protocol and JSON-lines output
+from infonce import emit, timed  # noqa: E402
 from kernels import infonce_triton as tri  # noqa: E402
 from kernels.infonce import make_backend, solve_block  # noqa: E402
 from kernels.infonce_block import Block  # noqa: E402
-
-OUT: Path | None = None
-
-
-def emit(**kw) -> None:
-    line = json.dumps(kw)
-    print(line, flush=True)
-    if OUT is not None:
-        with OUT.open("a") as f:
-            f.write(line + "\n")
-
 
 FWD = {
     "f128x128k64w8s3": dict(fwd_bm=128, fwd_bn=128, fwd_bk=64, fwd_warps=8, fwd_stages=3),
@@ -73,7 +63,6 @@ BWD.update(BWD_FP32)
 
 
 def main() -> None:
-    global OUT
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--B", type=int, default=65536)
     p.add_argument("--D", type=int, default=512)
@@ -84,7 +73,7 @@ def main() -> None:
     p.add_argument("--bwd", default=",".join(BWD))
     p.add_argument("--pick", type=Path, help="write the fastest forward and backward tiles here (JSON)")
     args = p.parse_args()
-    OUT = args.out
+    bench.OUT = args.out
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     b, d = args.B, args.D
     x = F.normalize(torch.randn(b, d, device="cuda"), dim=-1).to(dtype)

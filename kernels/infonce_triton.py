@@ -29,8 +29,11 @@ import triton.language as tl
 from kernels.infonce_block import Block, BlockStats
 from kernels.targets import HARD
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# Kernels work in base 2 (exp2/log2 are the hardware's): logits are scaled by log2(e) on the way in
+# and log-sum-exps by ln(2) on the way out.
+LOG2E_C: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2_C: tl.constexpr = tl.constexpr(LN2)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def _fwd_kernel(X, Y, SCALE, n, m, D, sx, sy, ro, co,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     g = tl.program_id(0)
     num_g = tl.num_programs(0)
-    s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634  # logits in base-2 units
+    s2 = tl.load(SCALE).to(tl.float32) * LOG2E_C  # logits in base-2 units
     cp = g.to(tl.int64) * m  # this program's row of the column partials
     if HAS_COL:
         for j0 in range(0, m, BN):
@@ -193,8 +196,8 @@ def _fwd_kernel(X, Y, SCALE, n, m, D, sx, sy, ro, co,
                     tl.store(CP_W + cp + offs_j, p_w + tl.sum(w * inv_r[:, None], 0), mask=mj)
                     tl.store(CP_WL + cp + offs_j, p_wl + tl.sum(wz * inv_r[:, None], 0), mask=mj)
         if HAS_ROW:
-            tl.store(ROW_LSE + offs_i, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mi)
-            tl.store(ROW_WL + offs_i, wl_i * 0.6931471805599453, mask=mi)
+            tl.store(ROW_LSE + offs_i, (m_i + tl.log2(l_i)) * LN2_C, mask=mi)
+            tl.store(ROW_WL + offs_i, wl_i * LN2_C, mask=mi)
             tl.store(ROW_WS + offs_i, ws_i, mask=mi)
 
 
@@ -250,6 +253,42 @@ def _target_grad(w, rn, cn, row_coef, col_coef, HAS_ROW: tl.constexpr, HAS_COL: 
 
 
 @triton.jit
+def _grad_tile(X, Y, offs_i, offs_j, mi, mj, D, sx, sy, s2, ro, co,
+               T0, T1, T2, st0, lam, n_vocab, K, L, RN, CN, LSE_R, LSE_C, row_coef, col_coef,
+               HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, TMODE: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """∂loss/∂logits for one (BM, BN) tile, recomputed from the features and forward statistics."""
+    valid = mi[:, None] & mj[None, :]
+    z = _tile_dot(X, Y, offs_i, offs_j, mi, mj, D, sx, sy, BM, BN, BK, PREC) * s2
+    lse_r2 = tl.zeros((BM,), tl.float32)
+    if HAS_ROW:
+        lse_r2 = tl.load(LSE_R + offs_i, mask=mi, other=0.0) * LOG2E_C
+    lse_c2 = tl.zeros((BN,), tl.float32)
+    if HAS_COL:
+        lse_c2 = tl.load(LSE_C + offs_j, mask=mj, other=0.0) * LOG2E_C
+    d = _softmax_grad(z, lse_r2, lse_c2, valid, row_coef, col_coef, HAS_ROW, HAS_COL)
+    if TMODE != 0:
+        w = _target_weights(ro + offs_i, co + offs_j, mi, mj, T0, T1, T2, st0, lam, n_vocab, K, L,
+                            TMODE, BM, BN, BK, PREC)
+        rn = tl.load(RN + offs_i, mask=mi, other=1.0)
+        if HAS_COL:
+            cn = tl.load(CN + offs_j, mask=mj, other=1.0)
+        else:
+            cn = tl.full((BN,), 1.0, tl.float32)
+        d -= _target_grad(w, rn, cn, row_coef, col_coef, HAS_ROW, HAS_COL)
+    return d
+
+
+@triton.jit
+def _grad_mma(d, f, acc, PREC: tl.constexpr, DOT16: tl.constexpr):
+    """acc + d @ f for the gradient products: fp16 operands for 16-bit inputs (see ``backward``)."""
+    if DOT16:
+        return _mma(d.to(tl.float16), f.to(tl.float16), acc, PREC)
+    else:
+        return _mma(d.to(f.dtype), f, acc, PREC)
+
+
+@triton.jit
 def _bwd_rows_kernel(X, Y, SCALE, GSCALE, n, m, D, sx, sy, ro, co,
                      T0, T1, T2, st0, lam, n_vocab, K, L, RN, CN, LSE_R, LSE_C, row_coef, col_coef,
                      DX, sdx, DLS,
@@ -260,37 +299,15 @@ def _bwd_rows_kernel(X, Y, SCALE, GSCALE, n, m, D, sx, sy, ro, co,
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
     mi = offs_i < n
     md = offs_d < D
-    s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
-    lse_r2 = tl.zeros((BM,), tl.float32)
-    if HAS_ROW:
-        lse_r2 = tl.load(LSE_R + offs_i, mask=mi, other=0.0) * 1.4426950408889634
-    if TMODE != 0:
-        rn = tl.load(RN + offs_i, mask=mi, other=1.0)
-    else:
-        rn = tl.full((BM,), 1.0, tl.float32)
+    s2 = tl.load(SCALE).to(tl.float32) * LOG2E_C
     acc = tl.zeros((BM, BD), tl.float32)
     for j0 in range(0, m, BN):
         offs_j = j0 + tl.arange(0, BN)
         mj = offs_j < m
-        valid = mi[:, None] & mj[None, :]
-        z = _tile_dot(X, Y, offs_i, offs_j, mi, mj, D, sx, sy, BM, BN, BK, PREC) * s2
-        lse_c2 = tl.zeros((BN,), tl.float32)
-        if HAS_COL:
-            lse_c2 = tl.load(LSE_C + offs_j, mask=mj, other=0.0) * 1.4426950408889634
-        d = _softmax_grad(z, lse_r2, lse_c2, valid, row_coef, col_coef, HAS_ROW, HAS_COL)
-        if TMODE != 0:
-            w = _target_weights(ro + offs_i, co + offs_j, mi, mj, T0, T1, T2, st0, lam, n_vocab, K, L,
-                                TMODE, BM, BN, BK, PREC)
-            if HAS_COL:
-                cn = tl.load(CN + offs_j, mask=mj, other=1.0)
-            else:
-                cn = tl.full((BN,), 1.0, tl.float32)
-            d -= _target_grad(w, rn, cn, row_coef, col_coef, HAS_ROW, HAS_COL)
+        d = _grad_tile(X, Y, offs_i, offs_j, mi, mj, D, sx, sy, s2, ro, co, T0, T1, T2, st0, lam, n_vocab, K, L,
+                       RN, CN, LSE_R, LSE_C, row_coef, col_coef, HAS_ROW, HAS_COL, TMODE, BM, BN, BK, PREC)
         y = tl.load(Y + offs_j[:, None].to(tl.int64) * sy + offs_d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-        if DOT16:
-            acc = _mma(d.to(tl.float16), y.to(tl.float16), acc, PREC)
-        else:
-            acc = _mma(d.to(y.dtype), y, acc, PREC)
+        acc = _grad_mma(d, y, acc, PREC, DOT16)
     if TMODE == 0:  # identity targets: subtract (row_coef + col_coef) · y of each row's partner
         pj = ro + offs_i - co
         mp = mi & (pj >= 0) & (pj < m)
@@ -314,34 +331,15 @@ def _bwd_cols_kernel(X, Y, SCALE, GSCALE, n, m, D, sx, sy, ro, co,
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
     mj = offs_j < m
     md = offs_d < D
-    s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
-    lse_c2 = tl.zeros((BN,), tl.float32)
-    if HAS_COL:
-        lse_c2 = tl.load(LSE_C + offs_j, mask=mj, other=0.0) * 1.4426950408889634
-    if TMODE != 0 and HAS_COL:
-        cn = tl.load(CN + offs_j, mask=mj, other=1.0)
-    else:
-        cn = tl.full((BN,), 1.0, tl.float32)
+    s2 = tl.load(SCALE).to(tl.float32) * LOG2E_C
     acc = tl.zeros((BN, BD), tl.float32)
     for i0 in range(0, n, BM):
         offs_i = i0 + tl.arange(0, BM)
         mi = offs_i < n
-        valid = mi[:, None] & mj[None, :]
-        z = _tile_dot(X, Y, offs_i, offs_j, mi, mj, D, sx, sy, BM, BN, BK, PREC) * s2
-        lse_r2 = tl.zeros((BM,), tl.float32)
-        if HAS_ROW:
-            lse_r2 = tl.load(LSE_R + offs_i, mask=mi, other=0.0) * 1.4426950408889634
-        d = _softmax_grad(z, lse_r2, lse_c2, valid, row_coef, col_coef, HAS_ROW, HAS_COL)
-        if TMODE != 0:
-            w = _target_weights(ro + offs_i, co + offs_j, mi, mj, T0, T1, T2, st0, lam, n_vocab, K, L,
-                                TMODE, BM, BN, BK, PREC)
-            rn = tl.load(RN + offs_i, mask=mi, other=1.0)
-            d -= _target_grad(w, rn, cn, row_coef, col_coef, HAS_ROW, HAS_COL)
+        d = _grad_tile(X, Y, offs_i, offs_j, mi, mj, D, sx, sy, s2, ro, co, T0, T1, T2, st0, lam, n_vocab, K, L,
+                       RN, CN, LSE_R, LSE_C, row_coef, col_coef, HAS_ROW, HAS_COL, TMODE, BM, BN, BK, PREC)
         x = tl.load(X + offs_i[:, None].to(tl.int64) * sx + offs_d[None, :], mask=mi[:, None] & md[None, :], other=0.0)
-        if DOT16:
-            acc = _mma(tl.trans(d.to(tl.float16)), x.to(tl.float16), acc, PREC)
-        else:
-            acc = _mma(tl.trans(d.to(x.dtype)), x, acc, PREC)
+        acc = _grad_mma(tl.trans(d), x, acc, PREC, DOT16)
     if TMODE == 0:  # identity targets: subtract (row_coef + col_coef) · x of each column's partner
         pi = co + offs_j - ro
         mp = mj & (pi >= 0) & (pi < n)

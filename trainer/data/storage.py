@@ -2,8 +2,8 @@
 
 fsspec and s3fs open any URL (local paths, ``s3://`` with ``endpoint_url`` for MinIO and other
 S3-compatible stores, ``gs://``, ``http(s)://``); what they leave to the caller is what to do when
-a read fails halfway through a multi-day run. Written here because webdataset's own openers do
-not go through fsspec at all.
+opening a shard fails mid-run on a dropped connection. Written here because webdataset's own
+openers do not go through fsspec at all.
 """
 
 from __future__ import annotations
@@ -40,16 +40,14 @@ def open_with_retry(
     backoff_s: float = 0.5,
 ) -> Any:
     """``fsspec.open(url, mode).open()``, retrying other errors with exponential backoff."""
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, attempts):
         try:
             return fsspec.open(url, mode, **(storage_options or {})).open()
         except PERMANENT:
             raise
         except Exception as err:  # noqa: BLE001 - network and server errors come in many types
-            if attempt == attempts:
-                raise
             delay = backoff_s * 2 ** (attempt - 1)
             log.warning("opening %s failed (%s: %s); retry %d/%d in %.1fs", redact_url(url), type(err).__name__,
                         err, attempt, attempts - 1, delay)
             time.sleep(delay)
-    raise AssertionError("unreachable")
+    return fsspec.open(url, mode, **(storage_options or {})).open()  # the last try raises what it meets
