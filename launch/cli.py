@@ -3,6 +3,8 @@
     hilum train --config configs/tiny-clip.yaml [--set optim.lr=3e-4 ...] [--resume]
     hilum resume RUN_DIR [--set train.max_steps=400 ...]
     hilum shards phantom --out data/phantom
+    hilum shards build (--mimic ROOT | --csv TABLE) --out URL [--resize 512 --workers 8 ...]
+    hilum shards verify MANIFEST_URL
     hilum checkpoints RUN_DIR
 """
 
@@ -76,7 +78,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.set_defaults(func=cmd_phantom)
+
+    p = shards.add_parser(
+        "build", help="convert MIMIC-CXR-JPG or a CSV-described data set into shards and manifests",
+        description="Write WebDataset shards and one manifest per split (train.json, validate.json, ...) to any fsspec "
+                    "URL. FINDINGS and IMPRESSION are extracted from free-text reports. Re-running the same command "
+                    "finishes an interrupted build.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mimic", metavar="ROOT", help="MIMIC-CXR-JPG 2.x root (holds files/ and the mimic-cxr-2.0.0-*.csv[.gz] tables)")
+    source.add_argument("--csv", metavar="TABLE", help="CSV with columns image, report|report_file|findings/impression, optional split, view, key")
+    p.add_argument("--reports", metavar="ROOT", help="--mimic: root of the MIMIC-CXR reports (files/pXX/pSUBJECT/sSTUDY.txt); default: the JPG root")
+    p.add_argument("--out", required=True, help="output directory URL (local path, s3://bucket/prefix, ...)")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--resize", type=int, metavar="PIXELS", help="shrink images so the shorter side is PIXELS (default: keep the files as they are)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of resized images")
+    p.add_argument("--views", help="comma-separated views to keep (default: PA,AP for --mimic, all for --csv); '' keeps all")
+    p.add_argument("--min-words", type=int, default=3, help="drop reports with fewer words (findings + impression)")
+    p.add_argument("--unsectioned", choices=("skip", "findings"), default="skip",
+                   help="a report with neither FINDINGS nor IMPRESSION: skip it (counted), or use its whole text as findings")
+    p.add_argument("--label-columns", default="", help="--csv: comma-separated numeric label columns")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="build processes")
+    p.add_argument("--seed", type=int, default=0, help="seeds the order of samples across shards")
+    _storage_args(p)
+    p.set_defaults(func=cmd_shards_build)
+
+    p = shards.add_parser("verify", help="decode every sample of a manifest's shards and check the counts",
+                          description="Exit status 0 when every sample decodes, has a report, keys are unique and the "
+                                      "manifest's counts match the shards; 1 otherwise, listing each problem.")
+    p.add_argument("manifest", help="manifest URL, e.g. s3://bucket/mimic/train.json")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    _storage_args(p)
+    p.set_defaults(func=cmd_shards_verify)
     return parser
+
+
+def _storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000 (credentials: AWS_* environment)")
+    p.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec storage options as JSON")
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        options = json.loads(args.storage_options)
+    except ValueError as err:
+        raise ConfigError(f"--storage-options is not valid JSON: {err}") from None
+    if not isinstance(options, dict):
+        raise ConfigError("--storage-options must be a JSON object")
+    if args.endpoint_url:
+        options["endpoint_url"] = args.endpoint_url
+    return options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +231,53 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards_build(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from trainer.data.shard_build import ImageOptions, build
+    from trainer.data.sources import FRONTAL_VIEWS, Filters, csv_records, mimic_records
+
+    storage = _storage_options(args)
+    if args.views is None:
+        views = FRONTAL_VIEWS if args.mimic else ()
+    else:
+        views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+    filters = Filters(views=views, min_words=args.min_words, unsectioned=args.unsectioned)
+    if args.resize is not None and args.resize < 1:
+        raise ConfigError("--resize must be a positive number of pixels")
+    t0 = time.perf_counter()
+    skipped: Counter[str] = Counter()
+    if args.mimic:
+        records = mimic_records(args.mimic, args.reports, filters, storage, skipped)
+    else:
+        labels = tuple(c.strip() for c in args.label_columns.split(",") if c.strip())
+        records = csv_records(args.csv, filters, labels, storage, skipped)
+    if not records:
+        print(f"hilum: no usable records (skipped: {dict(skipped)})", file=sys.stderr)
+        return 1
+    summary = build(records, args.out, args.samples_per_shard, ImageOptions(args.resize, args.quality), args.workers,
+                    args.seed, storage, progress=True, source_skipped=skipped)
+    for split, m in summary.manifests.items():
+        print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards -> {m.source}")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.skipped.items())) or "none"
+    print(f"skipped: {reasons}")
+    print(f"{summary.shards_written} shards written, {summary.shards_reused} kept from an earlier run, "
+          f"in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_shards_verify(args: argparse.Namespace) -> int:
+    from trainer.data.shard_build import verify
+
+    report = verify(args.manifest, _storage_options(args), args.workers)
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    state = "OK" if report.ok else f"{len(report.problems)} problems"
+    print(f"{report.manifest}: {report.samples} samples read in {report.shards} shards "
+          f"(manifest: {report.expected}): {state}")
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -190,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"hilum: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        if args.command != "shards":
+            raise
+        print(f"hilum: {err}", file=sys.stderr)  # a missing table or a malformed CSV: no traceback needed
         return 2
 
 

@@ -3,18 +3,10 @@ s3fs's own tests do), retries of transient errors, and URLs that keep credential
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from cluster.local import free_port
 from tests.conftest import simple_samples
 from tests.test_stream import PRE, FakeTokenize, keys_of
 from trainer.data.shards import load_manifest, write_shards
@@ -73,30 +65,6 @@ def test_persistent_errors_give_up_and_missing_files_are_not_retried(flaky):
     with pytest.raises(FileNotFoundError):
         open_with_retry("flakymem://flaky/missing.bin", backoff_s=0.01)
     assert flaky.opens <= 1
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """A moto S3 server on loopback; yields fsspec storage options pointing at it."""
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if exe is None:
-        pytest.fail("moto_server is not installed (pip install 'moto[server]', part of hilum's test extra)")
-    port = free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "moto_server did not start"
-            time.sleep(0.1)
-    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    try:
-        yield options
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_shards_round_trip_through_s3(s3_server, caplog):
