@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,40 @@ def test_missing_shard_is_logged_not_fatal(shards, tmp_path, caplog):
     m = load_manifest(str(tmp_path / "m.json"))
     batches = rank_batches(m, StreamSpec(batch_size=8, world_size=1, num_workers=0, shuffle=False), 0)
     assert len(batches) == batches_per_epoch(m, StreamSpec(batch_size=8)) and "gone.tar" in caplog.text
+
+
+def test_every_kind_of_bad_input_is_skipped_and_counted_by_reason(shards, tmp_path, caplog):
+    """A missing report, an empty tar, a tar cut mid-sample and a listed-but-missing shard, in one
+    epoch: nothing crashes, and every lost sample is counted under its reason."""
+    import json
+
+    dst = tmp_path / "bad"
+    dst.mkdir()
+    raw = json.loads(shards.read_text())
+    urls = [shards.parent / s["url"] for s in raw["shards"]]  # 5 shards: 20, 20, 20, 20, 16 samples
+    with tarfile.open(urls[0]) as tin, tarfile.open(dst / "a.tar", "w") as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read()
+            if member.name == "s00001.json":
+                data = b'{"findings": "", "impression": "  ", "labels": {}}'  # a sample without a report
+            member.size = len(data)
+            tout.addfile(member, io.BytesIO(data))
+    (dst / "b.tar").write_bytes(b"")  # empty
+    data = urls[2].read_bytes()
+    (dst / "c.tar").write_bytes(data[: len(data) // 2])  # cut mid-shard
+    (dst / "d.tar").write_bytes(urls[3].read_bytes())
+    raw["shards"] = [{"url": n, "num_samples": s["num_samples"]} for n, s in zip(["a.tar", "b.tar", "c.tar", "d.tar", "e.tar"], raw["shards"])]
+    (dst / "train.json").write_text(json.dumps(raw))  # e.tar is listed but does not exist
+    m = load_manifest(str(dst / "train.json"))
+    batches = rank_batches(m, StreamSpec(batch_size=8, world_size=1, num_workers=0, shuffle=False), 0)
+    skipped = Counter()
+    for b in batches:
+        skipped.update(b["_skipped"])
+    read_of_c = len({k for k in keys_of(batches) if 40 <= int(k[1:]) < 60})  # the slot refills: repeats
+    assert 0 < read_of_c < 20
+    assert skipped == {"empty_report": 1, "truncated_shard": 20 + (20 - read_of_c), "missing_shard": 16}
+    assert all(b["image"].shape[0] == 8 for b in batches)
+    assert "e.tar" in caplog.text and "b.tar" in caplog.text and "c.tar" in caplog.text
 
 
 def test_stream_reads_through_fsspec_memory_filesystem():

@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -183,7 +184,17 @@ class Progress:
     def __init__(self, w: Worker) -> None:
         self.w = w
         self.last: dict[str, Any] = {}
+        self.epoch_skipped: Counter[str] = Counter()
         self.restart_window()
+
+    def epoch_done(self, epoch: int, finished: bool = True) -> None:
+        """Print what this rank skipped in ``epoch`` (every rank: each reads its own slots)."""
+        what = "finished" if finished else "so far"
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.epoch_skipped.items())) or "none"
+        total = sum(self.epoch_skipped.values())
+        (log.warning if total else log.info)("rank %d, epoch %d (%s): %d samples skipped: %s",
+                                             self.w.info.rank, epoch, what, total, reasons)
+        self.epoch_skipped.clear()
 
     def restart_window(self) -> None:
         self.window_start, self.window_samples = time.perf_counter(), 0
@@ -193,6 +204,7 @@ class Progress:
         w, cfg = self.w, self.w.cfg
         samples = len(batch["text"])
         self.window_samples += samples
+        self.epoch_skipped.update(batch["_skipped"])
         losses = {k: v for k, v in values.items() if k != "logit_scale"}
         if w.metrics:
             w.metrics.observe_step(state.step, samples, step_seconds, data_seconds, losses, values["logit_scale"], batch["_skipped"])
@@ -250,6 +262,8 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
     while state.step < cfg.train.max_steps:
         t_data = time.perf_counter()
         batch = next(batches)
+        if batch["_epoch"] != state.position.epoch:
+            progress.epoch_done(state.position.epoch)
         t_step = time.perf_counter()
         values = train_step(w, batch)
         state.step += 1
@@ -264,6 +278,7 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
             run_eval(w, state.step)
             progress.restart_window()
     del batches  # stops the loader processes
+    progress.epoch_done(state.position.epoch, finished=False)
 
     result = {"train": progress.last}
     if cfg.eval.at_end:

@@ -2,12 +2,13 @@
 
 fsspec and s3fs open any URL (local paths, ``s3://`` with ``endpoint_url`` for MinIO and other
 S3-compatible stores, ``gs://``, ``http(s)://``); what they leave to the caller is what to do when
-opening a shard fails mid-run on a dropped connection. Written here because webdataset's own
-openers do not go through fsspec at all.
+opening a shard, or reading it half-way, fails on a dropped connection. Written here because
+webdataset's own openers do not go through fsspec at all.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from typing import Any
@@ -51,3 +52,56 @@ def open_with_retry(
                         err, attempt, attempts - 1, delay)
             time.sleep(delay)
     return fsspec.open(url, mode, **(storage_options or {})).open()  # the last try raises what it meets
+
+
+class RetryingReader(io.RawIOBase):
+    """A read-only stream that survives a dropped connection mid-file.
+
+    A read that fails with a non-permanent error closes the file, waits (exponential backoff),
+    reopens it and seeks back to the byte it had reached, so a tar parser reading through it
+    never notices; only when every attempt fails does the error reach the caller. Random access
+    on reopen is what fsspec gives every object store (HTTP range requests).
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, attempts: int = 4,
+                 backoff_s: float = 0.5) -> None:
+        super().__init__()
+        self.url, self.storage_options, self.attempts, self.backoff_s = url, storage_options, attempts, backoff_s
+        self._file = open_with_retry(url, "rb", storage_options, attempts, backoff_s)
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                data = self._file.read(len(buffer))
+                break
+            except PERMANENT:
+                raise
+            except Exception as err:  # noqa: BLE001 - network and server errors come in many types
+                if attempt == self.attempts:
+                    raise
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                log.warning("reading %s at byte %d failed (%s: %s); reopening, retry %d/%d in %.1fs",
+                            redact_url(self.url), self._offset, type(err).__name__, err, attempt, self.attempts - 1, delay)
+                time.sleep(delay)
+                self._reopen()
+        n = len(data)
+        buffer[:n] = data
+        self._offset += n
+        return n
+
+    def _reopen(self) -> None:
+        try:
+            self._file.close()
+        except Exception:  # noqa: BLE001 - the connection is already broken
+            pass
+        self._file = open_with_retry(self.url, "rb", self.storage_options, self.attempts, self.backoff_s)
+        self._file.seek(self._offset)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()

@@ -40,13 +40,14 @@ from torchvision.transforms.v2 import functional as TF
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from trainer.data.shards import Manifest
-from trainer.data.storage import open_with_retry, redact_url
+from trainer.data.storage import RetryingReader, redact_url
 
 log = logging.getLogger("hilum.data")
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 # Mean/std of 8-bit radiographs mapped to [0, 1]; a fixed affine map, not a data statistic.
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+REFILL = "__refill__"  # marks a raw sample read again to fill a slot that came up short
 
 
 @dataclass
@@ -117,7 +118,11 @@ def _batch_sizes(per: int, batch_size: int) -> list[int]:
 
 
 def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> Any:
-    return open_with_retry(url, "rb", storage_options)
+    return RetryingReader(url, storage_options)
+
+
+ShardErrorHandler = Callable[[str, str, Exception, int], None]
+"""Called as ``(reason, where, error, samples_lost)`` when a shard cannot be read to its end."""
 
 
 def iter_raw_samples(
@@ -125,10 +130,15 @@ def iter_raw_samples(
     order: Sequence[int],
     start: int,
     stop: int,
-    on_error: Callable[[str, Exception], None],
+    on_error: ShardErrorHandler,
     storage_options: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Raw samples (bytes per extension) of the global order's range [start, stop)."""
+    """Raw samples (bytes per extension) of the global order's range [start, stop).
+
+    A shard that cannot be opened (``missing_shard``, ``unreadable_shard``) or that breaks off
+    after its retries (``truncated_shard``) loses its remaining samples of the range; they are
+    reported to ``on_error`` with their number, and reading goes on with the next shard.
+    """
     offset = 0
     for idx in order:
         shard = manifest.shards[idx]
@@ -136,11 +146,13 @@ def iter_raw_samples(
         offset = hi
         if hi <= start or lo >= stop:
             continue
+        first, last = max(lo, start), min(hi, stop)
         position = lo
         try:
             stream = open_shard(shard.url, storage_options)
         except Exception as err:  # noqa: BLE001 - a missing shard is counted, not fatal
-            on_error(f"shard {redact_url(shard.url)}", err)
+            reason = "missing_shard" if isinstance(err, FileNotFoundError) else "unreadable_shard"
+            on_error(reason, f"shard {redact_url(shard.url)}", err, last - first)
             continue
         try:
             files = tar_file_expander([{"url": shard.url, "stream": stream}], handler=_reraise)
@@ -150,8 +162,11 @@ def iter_raw_samples(
                 if position >= start:
                     yield sample
                 position += 1
+            if position < last:
+                raise EOFError(f"ends after {position - lo} of the {shard.num_samples} samples its manifest lists")
         except Exception as err:  # noqa: BLE001 - a truncated shard loses its tail, not the run
-            on_error(f"shard {redact_url(shard.url)} after sample {position - lo}", err)
+            on_error("truncated_shard", f"shard {redact_url(shard.url)} after sample {position - lo}", err,
+                     last - max(position, first))
         finally:
             stream.close()
 
@@ -312,9 +327,9 @@ class ShardStream(IterableDataset):
             first = len(range(worker, pos.batch, spec.workers))  # this worker's batches already consumed
             offset = pos.worker_offsets[worker] if worker < len(pos.worker_offsets) else sum(sizes[:first])
         order = epoch_order(self.manifest, spec.seed, epoch, spec.shuffle)
-        raw = self._raw(order, slot * per, (slot + 1) * per, slot, epoch)
+        skipped: Counter[str] = Counter()  # drained into each batch; shard-level losses land here too
+        raw = self._raw(order, slot * per, (slot + 1) * per, slot, epoch, skipped)
 
-        skipped: Counter[str] = Counter()
         position = 0
         for index in range(first, len(sizes)):
             images, texts, metas = [], [], []
@@ -327,8 +342,9 @@ class ShardStream(IterableDataset):
                 try:
                     image, text, meta = self.preprocess(sample, gen)
                 except SampleError as err:
-                    skipped[err.reason] += 1
-                    log.warning("skipping corrupt sample (%s): %s", err.reason, err)
+                    if not sample.get(REFILL):  # counted when first met
+                        skipped[err.reason] += 1
+                        log.warning("skipping corrupt sample (%s): %s", err.reason, err)
                     continue
                 images.append(image)
                 texts.append(text)
@@ -347,18 +363,25 @@ class ShardStream(IterableDataset):
             skipped.clear()
             yield batch
 
-    def _raw(self, order: list[int], start: int, stop: int, slot: int, epoch: int) -> Iterator[dict[str, Any]]:
+    def _raw(self, order: list[int], start: int, stop: int, slot: int, epoch: int,
+             skipped: Counter[str]) -> Iterator[dict[str, Any]]:
         """The slot's raw samples through a seeded shuffle buffer, cycling if it comes up short."""
 
-        def on_error(where: str, err: Exception) -> None:
-            log.warning("data read error in %s: %s: %s", where, type(err).__name__, err)
+        passes = 0
+
+        def on_error(reason: str, where: str, err: Exception, lost: int) -> None:
+            if passes:  # a refill meets the same broken shards again; they were counted once
+                return
+            skipped[reason] += lost
+            log.warning("%s: %s: %s: %s; %d samples of this epoch lost", reason, where, type(err).__name__, err, lost)
 
         rng = random.Random(f"samples:{self.spec.seed}:{epoch}:{slot}")
-        passes = 0
         while True:
             produced = 0
             buffer: list[dict[str, Any]] = []
             for sample in iter_raw_samples(self.manifest, order, start, stop, on_error, self.storage_options):
+                if passes:
+                    sample[REFILL] = True
                 if not self.spec.shuffle or self.spec.shuffle_buffer <= 1:
                     produced += 1
                     yield sample
@@ -371,7 +394,7 @@ class ShardStream(IterableDataset):
                 produced += 1
                 yield buffer.pop(rng.randrange(len(buffer)))
             passes += 1
-            if produced == 0 or passes > 3:
+            if produced == 0:
                 raise RuntimeError(f"slot {slot} of {self.manifest.source} yields no usable samples")
             log.warning("slot %d of %s came up short; refilling from its start", slot, self.manifest.source)
 
