@@ -55,6 +55,10 @@ class DataSection(_Section):
     context_length: int = Field(64, ge=8, le=4096)
     text: Literal["report", "findings", "impression"] = "report"
     augment: AugmentSection = Field(default_factory=AugmentSection)
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where JPEGs are decoded: gpu = batched nvJPEG on the training GPU (loader workers only "
+                            "read and parse); cpu = PIL in the loader workers; auto = gpu on CUDA devices, else cpu"
+    )
     # Passed to fsspec for manifest and shard URLs, e.g. {endpoint_url: "http://minio:9000"} for an
     # S3-compatible store. Give credentials through the environment (AWS_ACCESS_KEY_ID, ...).
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -173,6 +177,8 @@ class HilumConfig(_Section):
             raise ValueError(f"objective names must be unique, got {names}")
         if sum(term.weight for term in self.objectives) <= 0:
             raise ValueError("at least one objective needs a weight > 0")
+        if self.data.decode == "gpu" and self.cluster.device == "cpu":
+            raise ValueError("data.decode is 'gpu' but cluster.device is 'cpu'; use 'auto' or 'cpu'")
         if self.gradcache.enabled and self.gradcache.chunk_size > self.data.batch_size:
             raise ValueError(
                 f"gradcache.chunk_size ({self.gradcache.chunk_size}) is larger than data.batch_size "

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -95,24 +91,7 @@ def write_config(path: Path, raw: dict) -> Path:
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on loopback; yields fsspec storage options pointing at it."""
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if exe is None:
-        pytest.fail("moto_server is not installed (pip install 'moto[server]', part of hilum's test extra)")
-    from cluster.local import free_port
+    from tests.s3server import moto_s3_server
 
-    port = free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "moto_server did not start"
-            time.sleep(0.1)
-    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    try:
+    with moto_s3_server() as options:
         yield options
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)

@@ -19,7 +19,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tests.conftest import HILUM, ROOT
+from tests.conftest import HILUM, ROOT, tiny_config, write_config
 from trainer.data.phantom_dataset import write_mimic_layout
 from trainer.data.reports import count_words, extract_sections
 from trainer.data.shard_build import BUILD_DIR, ImageOptions, build, encode_image, verify
@@ -280,7 +280,7 @@ def test_missing_tables_fail_with_the_file_named(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_cli_builds_into_s3_and_verifies(mimic, s3_server, tmp_path):
+def test_cli_builds_into_s3_verifies_and_trains_from_it(mimic, s3_server, phantom_dir, tmp_path):
     root, _ = mimic
     fsspec.filesystem("s3", **s3_server).mkdir("hilum-build")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"]}
@@ -300,6 +300,19 @@ def test_cli_builds_into_s3_and_verifies(mimic, s3_server, tmp_path):
     with fs.open("s3://hilum-build/mimic/train-000000.tar", "rb") as f:
         first = next(iter(wds.WebDataset([f"pipe:cat {_local_copy(f, tmp_path)}"], shardshuffle=False).decode("pil")))
     assert min(first["jpg"].size) == 64
+
+    # Train from the bucket: credentials from the environment, only the endpoint in the config.
+    raw = tiny_config(phantom_dir, tmp_path / "runs", train={"max_steps": 4, "checkpoint_every": 0},
+                      cluster={"launcher": "local", "num_workers": 1}, eval={"at_end": True})
+    raw["data"].update(train_manifest="s3://hilum-build/mimic/train.json", eval_manifest="s3://hilum-build/mimic/test.json",
+                       storage_options={"endpoint_url": s3_server["endpoint_url"]})
+    cfg = write_config(tmp_path / "s3.yaml", raw)
+    proc = subprocess.run([*HILUM, "train", "--config", str(cfg)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ev = json.loads((tmp_path / "runs" / "t" / "eval.json").read_text())
+    test_samples = json.loads(fs.cat("s3://hilum-build/mimic/test.json"))["build"]["samples"]
+    assert ev["samples"] == test_samples and "step 4/4" in proc.stderr
+    assert "testing" not in proc.stdout + proc.stderr
 
 
 def _local_copy(f, tmp_path: Path) -> Path:

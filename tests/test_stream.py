@@ -19,6 +19,7 @@ from trainer.data.stream import (
     StreamSpec,
     batches_per_epoch,
     make_loader,
+    resume_position,
 )
 
 
@@ -86,6 +87,33 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_batch(shards):
         rest = rank_batches(m, spec, 1, StreamPosition(0, consumed, offsets))
         assert keys_of(rest) == keys_of(full[consumed:])
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[consumed:]))  # same augmentation
+
+
+def test_union_before_and_after_resume_is_one_epoch_for_2_ranks_x_2_workers(shards):
+    m = load_manifest(str(shards))
+    spec = StreamSpec(batch_size=4, world_size=2, num_workers=2, seed=11, shuffle_buffer=8)
+    epoch = sorted(k for rank in (0, 1) for k in keys_of(rank_batches(m, spec, rank)))
+    assert len(epoch) == len(set(epoch)) == 96
+    seen = []
+    for rank, consumed in ((0, 3), (1, 6)):
+        before = rank_batches(m, spec, rank)[:consumed]
+        offsets = [0, 0]
+        for b in before:
+            offsets[b["_worker"]] = b["_offset"]
+        after = rank_batches(m, spec, rank, StreamPosition(0, consumed, offsets))
+        seen += keys_of(before) + keys_of(after)
+    assert sorted(seen) == epoch  # no duplicates, no gaps
+
+
+def test_resume_with_other_loader_worker_count_restarts_the_epoch(shards, caplog):
+    m = load_manifest(str(shards))
+    old = StreamPosition(epoch=2, batch=5, worker_offsets=[12, 8])
+    spec = StreamSpec(batch_size=4, world_size=1, num_workers=3, seed=1)
+    pos = resume_position(old, spec)
+    assert pos == StreamPosition(epoch=2) and "seen twice" in caplog.text
+    assert keys_of(rank_batches(m, spec, 0, pos)) == keys_of(rank_batches(m, spec, 0, StreamPosition(epoch=2)))
+    same = StreamSpec(batch_size=4, world_size=1, num_workers=2, seed=1)
+    assert resume_position(old, same) is old
 
 
 def _corrupt_copy(src: Path, dst_dir: Path) -> Path:

@@ -18,8 +18,17 @@ import torch
 
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
+from trainer.data.device_decode import DeviceDecoder
 from trainer.data.shards import load_manifest
-from trainer.data.stream import Preprocess, ShardStream, StreamPosition, StreamSpec, batches_per_epoch, make_loader
+from trainer.data.stream import (
+    Preprocess,
+    ShardStream,
+    StreamPosition,
+    StreamSpec,
+    batches_per_epoch,
+    make_loader,
+    resume_position,
+)
 from trainer.data.text import Tokenize
 from trainer.distributed import WorkerInfo, all_reduce_mean, gather_with_grad, worker_info
 from trainer.engine import build_engine, pick_device, pick_dtype
@@ -65,6 +74,7 @@ class Worker:
     train_preprocess: Preprocess
     eval_preprocess: Preprocess
     metrics: Any  # monitoring.WorkerMetrics or None
+    decoder: DeviceDecoder | None = None  # finishes batches whose JPEGs decode on the device
 
     @property
     def run_dir(self) -> Path:
@@ -85,8 +95,13 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     engine = build_engine(model, cfg, info.world_size, device, dtype)
     seed_everything(cfg.run.seed + 1000 * info.rank)  # per-rank randomness from here on
     d, a = cfg.data, cfg.data.augment
-    train_pre = Preprocess(d.image_size, d.in_chans, d.text, True, a.crop_scale_min, a.brightness, a.contrast)
+    on_device = d.decode == "gpu" or (d.decode == "auto" and device.type == "cuda")
+    if on_device and device.type != "cuda":
+        raise RuntimeError(f"data.decode is 'gpu' but this worker's device is {device}")
+    train_pre = Preprocess(d.image_size, d.in_chans, d.text, True, a.crop_scale_min, a.brightness, a.contrast,
+                           defer_jpeg=on_device)
     eval_pre = Preprocess(d.image_size, d.in_chans, d.text, False)
+    decoder = DeviceDecoder(train_pre.augment_spec, d.in_chans, device) if on_device else None
     metrics = None
     if cfg.monitoring.enabled:
         from monitoring import WorkerMetrics
@@ -96,7 +111,7 @@ def build_worker(cfg: "HilumConfig") -> Worker:
         metrics.write_target(cfg.run_dir / "metrics_targets")
         log.info("metrics at %s", url)
     objectives = build_objectives(cfg.objectives).to(device)
-    return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics)
+    return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics, decoder)
 
 
 def weighted_objective(w: Worker, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -247,6 +262,7 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
 
     manifest = load_manifest(cfg.data.train_manifest, cfg.data.storage_options)
     spec = StreamSpec(cfg.data.batch_size, w.info.world_size, cfg.data.num_workers, cfg.run.seed, True, cfg.data.shuffle_buffer)
+    state.position = resume_position(state.position, spec)
     steps_per_epoch = batches_per_epoch(manifest, spec)
     log.info("training %s: %d workers, ZeRO stage %d, %s/%s, %d samples, %d steps per epoch, %d steps",
              cfg.run.name, w.info.world_size, cfg.train.zero_stage, w.device.type, str(w.dtype).split(".")[-1],
@@ -262,6 +278,8 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
     while state.step < cfg.train.max_steps:
         t_data = time.perf_counter()
         batch = next(batches)
+        if w.decoder is not None:
+            batch = w.decoder(batch)  # part of the data wait: decode is data preparation
         if batch["_epoch"] != state.position.epoch:
             progress.epoch_done(state.position.epoch)
         t_step = time.perf_counter()

@@ -36,17 +36,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms.v2 import functional as TF
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from trainer.data.augment import AugmentParams, AugmentSpec, apply_params, draw_params
 from trainer.data.shards import Manifest
 from trainer.data.storage import RetryingReader, redact_url
 
 log = logging.getLogger("hilum.data")
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
-# Mean/std of 8-bit radiographs mapped to [0, 1]; a fixed affine map, not a data statistic.
-PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 REFILL = "__refill__"  # marks a raw sample read again to fill a slot that came up short
 
 
@@ -110,6 +108,24 @@ def batches_per_worker(manifest: Manifest, spec: StreamSpec) -> int:
 def batches_per_epoch(manifest: Manifest, spec: StreamSpec) -> int:
     """Batches one rank draws in one epoch (all its loader workers together)."""
     return batches_per_worker(manifest, spec) * spec.workers
+
+
+def resume_position(position: StreamPosition, spec: StreamSpec) -> StreamPosition:
+    """The position to resume from under ``spec``.
+
+    Offsets are per loader worker, and the workers' slots are cut from the epoch by their number:
+    a checkpoint taken with a different ``data.num_workers`` cannot say which samples of the new
+    slots were seen. Rather than guess (and leave gaps), the checkpoint's epoch starts over, so
+    the samples already seen in it are seen once more; the warning says how many batches that is.
+    """
+    if position.batch and len(position.worker_offsets) != spec.workers:
+        log.warning(
+            "checkpoint's stream position was taken with %d loader workers, this run has %d: restarting epoch %d "
+            "from its beginning (%d batches of it are seen twice)",
+            len(position.worker_offsets), spec.workers, position.epoch, position.batch,
+        )
+        return StreamPosition(position.epoch)
+    return position
 
 
 def _batch_sizes(per: int, batch_size: int) -> list[int]:
@@ -217,8 +233,39 @@ def decode_image(data: bytes, in_chans: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PendingJpeg:
+    """A JPEG left for the GPU to decode (batched nvJPEG), with its already-drawn augmentation."""
+
+    data: torch.Tensor  # uint8, the file's bytes
+    params: AugmentParams
+
+
+def _jpeg_header(data: bytes, key: str) -> tuple[int, int] | None:
+    """(height, width) of an 8-bit JPEG fit for device decode; None for anything else (PNG, 16-bit,
+    CMYK), which the CPU decodes. A file without its end-of-image marker is refused here, in the
+    worker, because on the device one truncated file would fail its whole batch."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            if im.format != "JPEG" or im.mode not in ("L", "RGB"):
+                return None
+            width, height = im.size
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise SampleError("bad_image", f"sample {key}: {type(err).__name__}: {err}") from None
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        raise SampleError("bad_image", f"sample {key}: JPEG is truncated (no end-of-image marker)")
+    return height, width
+
+
+@dataclass(frozen=True)
 class Preprocess:
-    """Turns one raw sample into (image tensor, text, metadata)."""
+    """Turns one raw sample into (image, text, metadata).
+
+    With ``defer_jpeg`` (GPU decode), an 8-bit JPEG comes back as a :class:`PendingJpeg`, its
+    augmentation drawn here from the same generator the CPU path uses; everything else is
+    decoded and augmented here, so both paths give the same images up to decoder rounding.
+    """
 
     image_size: int
     in_chans: int = 1
@@ -227,8 +274,13 @@ class Preprocess:
     crop_scale_min: float = 0.8
     brightness: float = 0.0
     contrast: float = 0.0
+    defer_jpeg: bool = False
 
-    def __call__(self, raw: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, str, dict[str, Any]]:
+    @property
+    def augment_spec(self) -> AugmentSpec:
+        return AugmentSpec(self.image_size, self.augment, self.crop_scale_min, self.brightness, self.contrast)
+
+    def __call__(self, raw: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor | PendingJpeg, str, dict[str, Any]]:
         key = raw.get("__key__", "?")
         ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
         if ext is None:
@@ -244,34 +296,32 @@ class Preprocess:
         text = report_text(meta, self.text)
         if not text:
             raise SampleError("empty_report", f"sample {key}: no {self.text} text")
+        meta["__key__"] = key
+        data = raw[ext]
+        size = _jpeg_header(data, key) if self.defer_jpeg else None
+        if size is not None:
+            params = draw_params(self.augment_spec, *size, gen)
+            return PendingJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), params), text, meta
         try:
-            image = decode_image(raw[ext], self.in_chans)
+            image = decode_image(data, self.in_chans)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
             raise SampleError("bad_image", f"sample {key}: {type(err).__name__}: {err}") from None
-        image = self._transform(image, gen)
-        meta["__key__"] = key
-        return image, text, meta
+        spec = self.augment_spec
+        return apply_params(spec, image, draw_params(spec, image.shape[1], image.shape[2], gen)), text, meta
 
-    def _transform(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        size = [self.image_size, self.image_size]
-        if self.augment:
-            # No horizontal flip: reports name sides. Crop parameters come from the sample's own
-            # generator so a replayed stream augments identically.
-            _, h, w = image.shape
-            u = torch.rand(5, generator=gen).tolist()
-            scale = self.crop_scale_min + (1.0 - self.crop_scale_min) * u[0]
-            side = max(1, int(round((scale * h * w) ** 0.5)))
-            ch, cw = min(side, h), min(side, w)
-            top, left = int(u[1] * (h - ch + 1)), int(u[2] * (w - cw + 1))
-            image = TF.resized_crop(image, top, left, ch, cw, size, antialias=True)
-            if self.brightness:
-                image = TF.adjust_brightness(image, 1.0 + self.brightness * (2 * u[3] - 1))
-            if self.contrast:
-                image = TF.adjust_contrast(image, 1.0 + self.contrast * (2 * u[4] - 1))
-            image = image.clamp(0.0, 1.0)
-        else:
-            image = TF.resize(image, size, antialias=True)
-        return (image - PIXEL_MEAN) / PIXEL_STD
+
+def collate_images(images: list[torch.Tensor | PendingJpeg], in_chans: int, size: int) -> dict[str, Any]:
+    """``image`` (B, C, S, S); with pending JPEGs, also ``jpeg``: their rows, bytes and parameters
+    (their rows of ``image`` stay zero until :class:`~trainer.data.device_decode.DeviceDecoder`)."""
+    pending = [(i, x) for i, x in enumerate(images) if isinstance(x, PendingJpeg)]
+    if not pending:
+        return {"image": torch.stack(images)}  # type: ignore[arg-type]
+    out = torch.zeros(len(images), in_chans, size, size)
+    for i, x in enumerate(images):
+        if not isinstance(x, PendingJpeg):
+            out[i] = x
+    return {"image": out, "jpeg": {"index": [i for i, _ in pending], "data": [x.data for _, x in pending],
+                                   "params": [x.params for _, x in pending]}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +400,7 @@ class ShardStream(IterableDataset):
                 texts.append(text)
                 metas.append(meta)
             batch: dict[str, Any] = {
-                "image": torch.stack(images),
+                **collate_images(images, self.preprocess.in_chans, self.preprocess.image_size),
                 **self.tokenize(texts),
                 "text": texts,
                 "meta": metas,

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Data path throughput: samples/s of augmented 224×224 training batches, from local disk and
+from an S3 server, CPU decode at 1/2/4/8 loader workers, GPU decode when a GPU is present.
+
+The data: phantom radiographs written in MIMIC-CXR-JPG's layout as 512×512 8-bit JPEGs (the
+size DESIGN.md's anchor measured), turned into shards by ``hilum shards build`` (its speed is
+reported too), then uploaded to a moto S3 server on loopback (or to ``--s3-endpoint``). Each
+configuration streams ``--batches`` batches through the real ShardStream + DataLoader + tokenizer
+(across epochs when the data set is smaller), timed once every loader worker has delivered its
+first batch (steady state; loader start-up is reported separately as ``startup_s``).
+
+    python benchmarks/data_throughput.py                      # CPU: local and S3, 1/2/4/8 workers
+    python benchmarks/data_throughput.py --gpu-workers 1,2,4  # adds GPU decode (needs CUDA)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    import torch
+
+    cpu = f"{os.cpu_count()} CPUs"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {cpu}"
+    return f"{platform.processor() or platform.machine()}, {cpu}"
+
+
+def prepare(cache: Path, samples: int, size: int) -> tuple[Path, Path, dict]:
+    """Shards (local) and a tokenizer for ``samples`` phantom JPEGs, built once per cache dir."""
+    from collections import Counter
+
+    from trainer.data.phantom_dataset import write_mimic_layout
+    from trainer.data.shard_build import build
+    from trainer.data.sources import Filters, mimic_records
+    from trainer.data.text import train_wordpiece
+
+    layout, shards, tok = cache / "mimic", cache / "shards", cache / "tokenizer"
+    info_file = cache / "build.json"
+    if info_file.is_file():
+        return shards, tok, json.loads(info_file.read_text())
+    t0 = time.perf_counter()
+    write_mimic_layout(str(layout), n_studies=int(samples / 1.25) + 1, size=size, quality=90)
+    t_layout = time.perf_counter() - t0
+    skipped: Counter[str] = Counter()
+    records = mimic_records(str(layout), filters=Filters(), skipped=skipped)
+    t0 = time.perf_counter()
+    summary = build(records, str(shards), samples_per_shard=128, workers=os.cpu_count() or 1, progress=False,
+                    source_skipped=skipped)
+    t_build = time.perf_counter() - t0
+    train_wordpiece([r.findings + " " + r.impression for r in records], str(tok), vocab_size=1000)
+    info = {"samples": sum(summary.samples.values()), "train_samples": summary.samples["train"],
+            "layout_seconds": round(t_layout, 1), "build_seconds": round(t_build, 2),
+            "build_samples_per_s": round(len(records) / t_build, 1), "build_workers": os.cpu_count() or 1,
+            "shard_bytes": sum(p.stat().st_size for p in shards.glob("*.tar"))}
+    info_file.write_text(json.dumps(info))
+    return shards, tok, info
+
+
+def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int, batch: int, image_size: int,
+                gpu: bool, batches: int) -> dict:
+    """Steady-state rate: the stream runs across epochs; timing starts once every loader worker
+    has delivered its first batch (spawned workers import torch first: seconds each)."""
+    import torch
+
+    from trainer.data.device_decode import DeviceDecoder
+    from trainer.data.shards import load_manifest
+    from trainer.data.stream import Preprocess, ShardStream, StreamSpec, make_loader
+    from trainer.data.text import Tokenize
+
+    manifest = load_manifest(manifest_url, storage)
+    pre = Preprocess(image_size, 1, "report", True, 0.8, 0.1, 0.1, defer_jpeg=gpu)
+    decode = DeviceDecoder(pre.augment_spec, 1, torch.device("cuda")) if gpu else None
+    spec = StreamSpec(batch, 1, workers, seed=0, shuffle=True, shuffle_buffer=256)
+    stream = ShardStream(manifest, spec, pre, Tokenize(str(tokenizer), 128), storage_options=storage, epochs=None)
+    warm = max(1, workers)
+    t0 = time.perf_counter()
+    it = iter(make_loader(stream))
+    for i in range(warm + batches):
+        b = next(it)
+        if decode is not None:
+            b = decode(b)
+            torch.cuda.synchronize()
+        if i == warm - 1:
+            start = time.perf_counter()
+    end = time.perf_counter()
+    del it
+    return {"samples_per_s": round(batches * batch / (end - start), 1), "startup_s": round(start - t0, 2),
+            "timed_samples": batches * batch}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=1024, help="images in the generated data set (about)")
+    p.add_argument("--size", type=int, default=512, help="stored JPEG side")
+    p.add_argument("--image-size", type=int, default=224, help="training crop side")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=32, help="timed batches per configuration, after warm-up")
+    p.add_argument("--workers", default="1,2,4,8", help="CPU-decode loader workers to try")
+    p.add_argument("--gpu-workers", default="1,2,4", help="GPU-decode loader workers to try (only with CUDA)")
+    p.add_argument("--sources", default="local,s3")
+    p.add_argument("--s3-endpoint", help="use this S3 endpoint (credentials: AWS_* environment) instead of a moto server")
+    p.add_argument("--cache", default="/tmp/hilum-bench-data", help="where the generated data set is kept between runs")
+    p.add_argument("--out", help="append JSON lines here")
+    args = p.parse_args()
+
+    import contextlib
+
+    import fsspec
+    import torch
+
+    cache = Path(args.cache) / f"n{args.samples}-s{args.size}"
+    shards, tok, info = prepare(cache, args.samples, args.size)
+    stamp = {"date": datetime.date.today().isoformat(), "machine": machine(), "torch": torch.__version__}
+    rows = [{"bench": "shards_build", **stamp, **info}]
+    print(json.dumps(rows[0]))
+
+    sources = args.sources.split(",")
+    with contextlib.ExitStack() as stack:
+        urls = {"local": (str(shards / "train.json"), {})}
+        if "s3" in sources:
+            if args.s3_endpoint:
+                storage = {"endpoint_url": args.s3_endpoint}
+            else:
+                from tests.s3server import moto_s3_server
+
+                storage = stack.enter_context(moto_s3_server())
+            fs = fsspec.filesystem("s3", **storage)
+            bucket = f"hilum-bench-{os.getpid()}"
+            fs.mkdir(bucket)
+            fs.put(str(shards) + "/", f"{bucket}/shards/", recursive=True)
+            urls["s3"] = (f"s3://{bucket}/shards/train.json", storage)
+        plans = [(src, w, False) for src in sources for w in map(int, args.workers.split(","))]
+        if torch.cuda.is_available():
+            plans += [(src, w, True) for src in sources for w in map(int, args.gpu_workers.split(","))]
+        for src, workers, gpu in plans:
+            url, storage = urls[src]
+            r = stream_rate(url, storage, tok, workers, args.batch, args.image_size, gpu, args.batches)
+            row = {"bench": "stream", **stamp, "source": src, "decode": "gpu" if gpu else "cpu", "workers": workers,
+                   "batch": args.batch, "image_size": args.image_size, "stored_size": args.size, **r}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Device decode (batched decode_jpeg + the same augmentation) against the CPU path.
+
+On CPU machines the device path runs with device=cpu (libjpeg-turbo through torchvision); on a
+CUDA machine the same test also runs on the GPU (nvJPEG)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from launch.config import ConfigError, build_config
+from tests.test_stream import FakeTokenize
+from trainer.data.augment import AugmentSpec, PIXEL_MEAN, PIXEL_STD
+from trainer.data.device_decode import DeviceDecoder
+from trainer.data.shards import load_manifest, write_shards
+from trainer.data.stream import Preprocess, ShardStream, StreamSpec, make_loader
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def mixed_samples(n: int):
+    """Grey and colour JPEGs of awkward sizes, 8-bit and 16-bit PNGs, and one truncated JPEG."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = 37 + 7 * (i % 5), 53 + 11 * (i % 3)
+        smooth = np.cumsum(rng.integers(-6, 7, (h, w)), axis=1)  # JPEG-friendly structure
+        grey = np.clip(128 + smooth, 0, 255).astype(np.uint8)
+        kind = i % 6
+        if kind == 3:
+            image = {"jpg": _encoded(np.stack([grey, grey // 2, 255 - grey], -1), "JPEG")}
+        elif kind == 4:
+            image = {"png": _encoded(grey, "PNG")}
+        elif kind == 5:
+            image = {"png": _encoded((grey.astype(np.uint16) * 257), "PNG")}
+        else:
+            image = {"jpg": _encoded(grey, "JPEG")}
+        if i == 7:
+            image = {"jpg": image["jpg"][: len(image["jpg"]) // 2]}
+        yield {"__key__": f"m{i:04d}", **image, "json": {"findings": f"finding {i}.", "impression": "x."}}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixed")
+    write_shards(mixed_samples(48), str(out), "train", samples_per_shard=16)
+    return load_manifest(str(out / "train.json"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_device_decode_gives_the_cpu_path_images(manifest, device, in_chans):
+    spec = StreamSpec(batch_size=8, world_size=1, num_workers=0, seed=3)
+    common = dict(image_size=24, in_chans=in_chans, augment=True, crop_scale_min=0.5, brightness=0.2, contrast=0.2)
+    cpu_pre, dev_pre = Preprocess(**common), Preprocess(**common, defer_jpeg=True)
+    cpu = list(make_loader(ShardStream(manifest, spec, cpu_pre, FakeTokenize())))
+    deferred = list(make_loader(ShardStream(manifest, spec, dev_pre, FakeTokenize())))
+    decode = DeviceDecoder(dev_pre.augment_spec, in_chans, torch.device(device))
+    assert all("jpeg" in b for b in deferred)
+    for a, b in zip(cpu, deferred):
+        b = decode(b)
+        assert [m["__key__"] for m in a["meta"]] == [m["__key__"] for m in b["meta"]]
+        assert a["_skipped"] == b["_skipped"]
+        assert b["image"].device.type == device and b["image"].shape == a["image"].shape == (8, in_chans, 24, 24)
+        # Same crops and factors; only the decoders' rounding (and colour→grey weights) differ.
+        diff = (a["image"] - b["image"].cpu()).abs() * PIXEL_STD * 255
+        assert diff.max() <= 3.0 and diff.mean() <= 0.5
+    assert sum(sum(b["_skipped"].values()) for b in cpu) == 1  # the truncated JPEG, on both paths
+
+
+def test_truncated_jpeg_is_refused_in_the_worker_not_on_the_device():
+    pre = Preprocess(image_size=16, defer_jpeg=True)
+    good = _encoded(np.full((20, 30), 90, np.uint8), "JPEG")
+    raw = {"__key__": "t", "jpg": good[:-40], "json": b'{"findings": "a b c"}'}
+    with pytest.raises(ValueError, match="(?i)truncated") as err:
+        pre(raw, torch.Generator())
+    assert err.value.reason == "bad_image"
+
+
+def test_a_jpeg_the_decoder_refuses_is_replaced_grey_and_counted(caplog):
+    good = _encoded(np.full((20, 30), 200, np.uint8), "JPEG")
+    broken = good[:200] + b"\xff\xd9"  # header intact, end marker present, scan data gone
+    from trainer.data.augment import AugmentParams
+
+    batch = {
+        "image": torch.zeros(2, 1, 16, 16),
+        "jpeg": {"index": [0, 1], "data": [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in (good, broken)],
+                 "params": [AugmentParams(0, 0, 20, 30)] * 2},
+        "meta": [{"__key__": "good"}, {"__key__": "bad"}],
+        "_skipped": {},
+    }
+    out = DeviceDecoder(AugmentSpec(16), 1, torch.device("cpu"))(batch)
+    assert out["_skipped"] == {"bad_image_replaced": 1} and "bad" in caplog.text
+    assert torch.allclose(out["image"][0], torch.full((1, 16, 16), (200 / 255 - PIXEL_MEAN) / PIXEL_STD), atol=0.05)
+    assert torch.equal(out["image"][1], torch.zeros(1, 16, 16))
+
+
+def test_gpu_decode_on_a_cpu_device_is_refused_at_launch():
+    with pytest.raises(ConfigError, match="data.decode"):
+        build_config({"data": {"decode": "gpu"}, "cluster": {"device": "cpu"}})
