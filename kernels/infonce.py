@@ -12,7 +12,9 @@ Convention (every implementation here follows it exactly):
 * text→image: row ``j`` of ``L.T``; its target is column ``j`` of ``T`` divided by that column's
   sum (so identity targets stay the identity).
 * the loss is the mean of the two directions, each averaged over its rows:
-  ``½ (1/N Σ_i CE(L[i], T[i]) + 1/M Σ_j CE(L[:, j], T[:, j] / Σ_i T[i, j]))``.
+  ``½ (1/N Σ_i CE(L[i], T[i]) + 1/M Σ_j CE(L[:, j], T[:, j] / Σ_i T[i, j]))``;
+  ``directions="image_to_text"`` or ``"text_to_image"`` gives one direction alone (weight 1),
+  as MLIP's augmented terms use them.
 
 Gradients flow to both feature tensors and to ``logit_scale``; targets get none. Arithmetic is
 float32 or wider whatever the input dtype (bf16 logits at logit scale 100 lose the loss's third
@@ -41,6 +43,17 @@ if TYPE_CHECKING:
     from kernels.infonce_triton import TileConfig
 
 Impl = Literal["auto", "triton", "torch", "dense"]
+Directions = Literal["both", "image_to_text", "text_to_image"]
+# (weight of image→text, weight of text→image)
+DIRECTION_WEIGHTS: dict[str, tuple[float, float]] = {"both": (0.5, 0.5), "image_to_text": (1.0, 0.0),
+                                                     "text_to_image": (0.0, 1.0)}
+
+
+def direction_weights(directions: str) -> tuple[float, float]:
+    try:
+        return DIRECTION_WEIGHTS[directions]
+    except KeyError:
+        raise ValueError(f"directions must be one of {sorted(DIRECTION_WEIGHTS)}, got {directions!r}") from None
 
 
 def _as_targets(targets: torch.Tensor | SoftTargets | None) -> SoftTargets | None:
@@ -121,20 +134,20 @@ def solve_block(backend: Backend, block: Block) -> BlockStats:
 
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image_features, text_features, logit_scale, targets, backend):  # type: ignore[override]
+    def forward(ctx, image_features, text_features, logit_scale, targets, backend, weights):  # type: ignore[override]
         compute = torch.promote_types(image_features.dtype, torch.float32)
         n, m = image_features.shape[0], text_features.shape[0]
         block = Block(image_features.detach(), text_features.detach(), logit_scale.detach().to(compute).exp().reshape(()),
-                      0, 0, True, True, targets)
+                      0, 0, weights[0] > 0, weights[1] > 0, targets)
         stats = solve_block(backend, block)
-        ctx.block, ctx.stats, ctx.backend, ctx.coefs = block, stats, backend, (0.5 / n, 0.5 / m)
+        ctx.block, ctx.stats, ctx.backend, ctx.coefs = block, stats, backend, (weights[0] / n, weights[1] / m)
         ctx.scale_shape, ctx.scale_dtype = logit_scale.shape, logit_scale.dtype
         return block_loss(block, stats, *ctx.coefs).to(compute)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         dx, dy, dscale = ctx.backend.backward(ctx.block, ctx.stats, *ctx.coefs, grad)
-        return dx, dy, dscale.reshape(ctx.scale_shape).to(ctx.scale_dtype), None, None
+        return dx, dy, dscale.reshape(ctx.scale_shape).to(ctx.scale_dtype), None, None, None
 
 
 def infonce_loss_reference(
@@ -142,8 +155,10 @@ def infonce_loss_reference(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     targets: torch.Tensor | SoftTargets | None = None,
+    directions: Directions = "both",
 ) -> torch.Tensor:
     """The direct formula, materialising the B×B logits. Memory O(B²): the oracle for tests."""
+    w_i2t, w_t2i = direction_weights(directions)
     soft = _as_targets(targets)
     check_features(image_features, text_features, soft)
     compute = torch.promote_types(image_features.dtype, torch.float32)
@@ -151,12 +166,12 @@ def infonce_loss_reference(
     logits = logit_scale.to(compute).exp() * img @ txt.T
     if soft is None:
         labels = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+        return w_i2t * F.cross_entropy(logits, labels) + w_t2i * F.cross_entropy(logits.T, labels)
     t = soft.dense(compute).to(logits.device)
     t2i_targets = (t / t.sum(dim=0, keepdim=True)).T
     i2t = -(t * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
     t2i = -(t2i_targets * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
-    return 0.5 * (i2t + t2i)
+    return w_i2t * i2t + w_t2i * t2i
 
 
 def infonce_loss(
@@ -169,6 +184,7 @@ def infonce_loss(
     chunk_size: int = infonce_torch.DEFAULT_CHUNK,
     fp32_precision: str = "tf32x3",
     tile_config: TileConfig | None = None,
+    directions: Directions = "both",
 ) -> torch.Tensor:
     """Bidirectional InfoNCE (see the module docstring for the exact convention).
 
@@ -176,10 +192,11 @@ def infonce_loss(
     float32-grade products from three TF32 passes), ``"tf32"`` (fast, ~1e-3 relative logits, like
     Inf-CL) or ``"ieee"``. ``chunk_size`` bounds the rows the chunked reference holds at once.
     """
+    weights = direction_weights(directions)
     soft = _as_targets(targets)
     check_features(image_features, text_features, soft)
     which = resolve_impl(impl, image_features)
     if which == "dense":
-        return infonce_loss_reference(image_features, text_features, logit_scale, soft)
+        return infonce_loss_reference(image_features, text_features, logit_scale, soft, directions)
     backend = make_backend(which, chunk_size, fp32_precision, tile_config)
-    return _InfoNCE.apply(image_features, text_features, logit_scale, soft, backend)
+    return _InfoNCE.apply(image_features, text_features, logit_scale, soft, backend, weights)

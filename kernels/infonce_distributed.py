@@ -22,7 +22,16 @@ import torch
 import torch.distributed as dist
 
 from kernels import infonce_torch
-from kernels.infonce import Impl, _as_targets, check_features, make_backend, require_positive, resolve_impl, solve_block
+from kernels.infonce import (
+    Directions,
+    Impl,
+    _as_targets,
+    check_features,
+    direction_weights,
+    make_backend,
+    resolve_impl,
+    solve_block,
+)
 from kernels.infonce_block import Block, block_loss
 from kernels.targets import DenseTargets, SoftTargets
 
@@ -68,7 +77,7 @@ def _check_equal_sizes(b: int, m: int, device: torch.device, group: dist.Process
 
 class _DistributedInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, logit_scale, targets, backend, group, grad_reduction):  # type: ignore[override]
+    def forward(ctx, x, y, logit_scale, targets, backend, group, grad_reduction, weights):  # type: ignore[override]
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         b = x.shape[0]
         _check_equal_sizes(b, y.shape[0], x.device, group)
@@ -79,34 +88,53 @@ class _DistributedInfoNCE(torch.autograd.Function):
         check_features(xg, yg, targets)
         rows = Block(x.detach(), yg, scale, rank * b, 0, True, False, targets)
         cols = Block(xg, y.detach(), scale, 0, rank * b, False, True, targets)
-        row_stats = solve_block(backend, rows)  # soft: fills rows.row_norm (this rank's normalisers)
-        if targets is not None:
-            cols.row_norm = _all_gather(rows.row_norm, group)
-        col_stats = solve_block(backend, cols)
-        coef = 0.5 / n
-        partial = block_loss(rows, row_stats, coef, 0.0) + block_loss(cols, col_stats, 0.0, coef)
+        # A direction with weight 0 skips its stripe; soft column targets still need every row's normaliser.
+        row_stats = solve_block(backend, rows) if weights[0] else None  # soft: fills rows.row_norm
+        if weights[1]:
+            if targets is not None:
+                local_norm = rows.row_norm if rows.row_norm is not None else backend.row_sums(rows)
+                cols.row_norm = _all_gather(local_norm, group)
+            col_stats = solve_block(backend, cols)
+        else:
+            col_stats = None
+        coefs = (weights[0] / n, weights[1] / n)
+        partial = torch.zeros((), dtype=torch.float64, device=x.device)
+        if row_stats is not None:
+            partial = partial + block_loss(rows, row_stats, coefs[0], 0.0)
+        if col_stats is not None:
+            partial = partial + block_loss(cols, col_stats, 0.0, coefs[1])
         total = partial.clone()
         dist.all_reduce(total, group=group)
-        ctx.saved = (rows, row_stats, cols, col_stats, coef, backend, group, grad_reduction, world, rank, b)
+        ctx.saved = (rows, row_stats, cols, col_stats, coefs, backend, group, grad_reduction, world, rank, b)
         ctx.scale_shape, ctx.scale_dtype = logit_scale.shape, logit_scale.dtype
         return total.to(compute)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        rows, row_stats, cols, col_stats, coef, backend, group, grad_reduction, world, rank, b = ctx.saved
-        dx_own, dy_all, ds_rows = backend.backward(rows, row_stats, coef, 0.0, grad)
-        dx_all, dy_own, ds_cols = backend.backward(cols, col_stats, 0.0, coef, grad)
-        dx_all[rank * b : (rank + 1) * b] += dx_own
-        dy_all[rank * b : (rank + 1) * b] += dy_own
-        dx = _sum_to_owner(dx_all, rank, b, group)
-        dy = _sum_to_owner(dy_all, rank, b, group)
-        dscale = (ds_rows + ds_cols).reshape(1).to(torch.float64)
+        rows, row_stats, cols, col_stats, coefs, backend, group, grad_reduction, world, rank, b = ctx.saved
+        own = slice(rank * b, (rank + 1) * b)
+        x_all = y_all = None  # gradients for every rank's rows, in the backend's dtype
+        dscale = torch.zeros(1, dtype=torch.float64, device=rows.x.device)
+        if row_stats is not None:  # this rank's images against every text
+            dx_own, y_all, ds = backend.backward(rows, row_stats, coefs[0], 0.0, grad)
+            x_all = dx_own.new_zeros((world * b, dx_own.shape[1]))
+            x_all[own] += dx_own
+            dscale += ds.reshape(1).to(torch.float64)
+        if col_stats is not None:  # every image against this rank's texts
+            dx_cols, dy_own, ds = backend.backward(cols, col_stats, 0.0, coefs[1], grad)
+            x_all = dx_cols if x_all is None else x_all + dx_cols
+            if y_all is None:
+                y_all = dy_own.new_zeros((world * b, dy_own.shape[1]))
+            y_all[own] += dy_own
+            dscale += ds.reshape(1).to(torch.float64)
+        dx = _sum_to_owner(x_all, rank, b, group)
+        dy = _sum_to_owner(y_all, rank, b, group)
         if grad_reduction == "exact":
             dist.all_reduce(dscale, group=group)
         else:
             # The engine will average over ranks: scale so the average is the global gradient.
             dx, dy, dscale = dx * world, dy * world, dscale * world
-        return dx, dy, dscale.reshape(ctx.scale_shape).to(ctx.scale_dtype), None, None, None, None
+        return dx, dy, dscale.reshape(ctx.scale_shape).to(ctx.scale_dtype), None, None, None, None, None
 
 
 def infonce_loss_distributed(
@@ -121,6 +149,7 @@ def infonce_loss_distributed(
     chunk_size: int = infonce_torch.DEFAULT_CHUNK,
     fp32_precision: str = "tf32x3",
     tile_config: TileConfig | None = None,
+    directions: Directions = "both",
 ) -> torch.Tensor:
     """``infonce_loss`` over the concatenation of every rank's samples (same value on every rank).
 
@@ -137,7 +166,8 @@ def infonce_loss_distributed(
         from kernels.infonce import infonce_loss
 
         return infonce_loss(image_features, text_features, logit_scale, targets, impl=impl, chunk_size=chunk_size,
-                            fp32_precision=fp32_precision, tile_config=tile_config)
+                            fp32_precision=fp32_precision, tile_config=tile_config, directions=directions)
+    weights = direction_weights(directions)
     if grad_reduction not in ("exact", "data_parallel"):
         raise ValueError(f"grad_reduction must be 'exact' or 'data_parallel', got {grad_reduction!r}")
     soft = _as_targets(targets)
@@ -151,7 +181,8 @@ def infonce_loss_distributed(
     if which == "dense":
         which = "torch"  # the stripes are the oracle's job too: the chunked path is exact
     backend = make_backend(which, chunk_size, fp32_precision, tile_config)
-    return _DistributedInfoNCE.apply(image_features, text_features, logit_scale, soft, backend, group, grad_reduction)
+    return _DistributedInfoNCE.apply(image_features, text_features, logit_scale, soft, backend, group, grad_reduction,
+                                     weights)
 
 
 __all__ = ["infonce_loss_distributed"]

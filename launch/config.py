@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.objectives import objective_config_types
 
@@ -60,8 +60,23 @@ class DataSection(_Section):
                             "read and parse); cpu = PIL in the loader workers; auto = gpu on CUDA devices, else cpu"
     )
     # Passed to fsspec for manifest and shard URLs, e.g. {endpoint_url: "http://minio:9000"} for an
-    # S3-compatible store. Give credentials through the environment (AWS_ACCESS_KEY_ID, ...).
+    # S3-compatible store. Credentials come from the environment (AWS_ACCESS_KEY_ID, ...) or, here,
+    # as references to environment variables ({key: "${MINIO_KEY}"}): never as literals, so a saved
+    # or printed config holds no secret.
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_literal_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        from trainer.data.storage import literal_secrets
+
+        secrets = literal_secrets(options)
+        if secrets:
+            raise ValueError(
+                f"credentials must not be written into the config ({', '.join(secrets)}): set them in the environment "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3) or reference an environment variable as '${NAME}'"
+            )
+        return options
 
 
 class ImageTowerSection(_Section):

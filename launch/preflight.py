@@ -13,6 +13,7 @@ import torch
 
 from launch.config import ConfigError, HilumConfig
 from trainer.data.shards import load_manifest
+from trainer.data.storage import resolve_env_refs
 from trainer.data.stream import StreamSpec, slot_size
 
 
@@ -20,6 +21,10 @@ def preflight(cfg: HilumConfig) -> None:
     """Raise ConfigError naming the field of the first problem found."""
     problems = []
     manifests = {}
+    try:
+        resolve_env_refs(cfg.data.storage_options, "data.storage_options")
+    except ValueError as err:
+        raise ConfigError(f"refusing to start:\n  {err}") from None
     for field in ("train_manifest", "eval_manifest"):
         url = getattr(cfg.data, field)
         if url is None or (field == "eval_manifest" and not (cfg.eval.at_end or cfg.eval.every_steps)):

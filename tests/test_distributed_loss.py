@@ -66,7 +66,10 @@ def test_gathered_loss_and_gradients_equal_global_batch():
 # --------------------------------------------------------------------------------------------
 # infonce_loss_distributed: sharded stripes + reduce-scatter vs one process on the whole batch
 
-CASES = [(kind, impl) for kind in ("hard", "correlation", "labels") for impl in ("torch", "triton")]
+CASES = [(kind, impl, "both") for kind in ("hard", "correlation", "labels") for impl in ("torch", "triton")] + [
+    ("hard", "triton", "image_to_text"), ("correlation", "torch", "text_to_image"), ("labels", "triton", "text_to_image"),
+    ("correlation", "triton", "image_to_text"),
+]
 PER_RANK, WIDTH = 5, 7  # awkward sizes: not a multiple of any tile
 
 
@@ -103,7 +106,7 @@ def _dist_rank(rank, port, queue, cases):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    for kind, impl in cases:
+    for kind, impl, directions in cases:
         img, txt, data = _global_problem(kind)
         dtype = torch.float64 if impl == "torch" else torch.float32
         for mode in ("exact", "data_parallel"):
@@ -111,9 +114,9 @@ def _dist_rank(rank, port, queue, cases):
             b = txt[rows].to(dtype).clone().requires_grad_()
             s = torch.tensor(2.2, dtype=dtype, requires_grad=True)
             loss = infonce_loss_distributed(a, b, s, _targets(kind, data, rows), grad_reduction=mode, impl=impl,
-                                            chunk_size=3, fp32_precision="ieee")
+                                            chunk_size=3, fp32_precision="ieee", directions=directions)
             loss.backward()
-            queue.put((kind, impl, mode, rank, float(loss.detach()), a.grad.double().tolist(),
+            queue.put(((kind, impl, directions), mode, rank, float(loss.detach()), a.grad.double().tolist(),
                        b.grad.double().tolist(), float(s.grad)))
     dist.destroy_process_group()
 
@@ -125,25 +128,25 @@ def test_distributed_loss_equals_single_process_global_batch():
     queue = ctx.SimpleQueue()
     mp.start_processes(_dist_rank, args=(free_port(), queue, CASES), nprocs=2, start_method="spawn")
     results = [queue.get() for _ in range(len(CASES) * 2 * 2)]
-    for kind, impl, mode, rank, loss, g_img, g_txt, g_scale in results:
+    for (kind, impl, directions), mode, rank, loss, g_img, g_txt, g_scale in results:
         img, txt, data = _global_problem(kind)
         img.requires_grad_(), txt.requires_grad_()
         s = torch.tensor(2.2, dtype=torch.float64, requires_grad=True)
-        want = infonce_loss_reference(img, txt, s, _targets(kind, data, slice(None)))
+        want = infonce_loss_reference(img, txt, s, _targets(kind, data, slice(None)), directions)
         want.backward()
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         factor = 2.0 if mode == "data_parallel" else 1.0  # the engine's average over 2 ranks undoes it
         tol = dict(rtol=1e-9, atol=1e-12) if impl == "torch" else dict(rtol=1e-4, atol=1e-6)
-        label = f"{kind}/{impl}/{mode}/rank{rank}"
+        label = f"{kind}/{impl}/{directions}/{mode}/rank{rank}"
         assert loss == pytest.approx(float(want), rel=tol["rtol"]), label
         torch.testing.assert_close(torch.tensor(g_img, dtype=torch.float64) / factor, img.grad[rows], **tol, msg=label)
         torch.testing.assert_close(torch.tensor(g_txt, dtype=torch.float64) / factor, txt.grad[rows], **tol, msg=label)
         # data_parallel: each rank holds world × its stripes' share; their mean is the global gradient
         if mode == "exact":
             assert g_scale == pytest.approx(float(s.grad), rel=tol["rtol"]), label
-    for kind, impl in CASES:
-        shares = [r[7] for r in results if r[:3] == (kind, impl, "data_parallel")]
+    for kind, impl, directions in CASES:
+        shares = [r[6] for r in results if r[:2] == ((kind, impl, directions), "data_parallel")]
         img, txt, data = _global_problem(kind)
         s = torch.tensor(2.2, dtype=torch.float64, requires_grad=True)
-        infonce_loss_reference(img, txt, s, _targets(kind, data, slice(None))).backward()
-        assert sum(shares) / 2 == pytest.approx(float(s.grad), rel=1e-9 if impl == "torch" else 1e-4), (kind, impl)
+        infonce_loss_reference(img, txt, s, _targets(kind, data, slice(None)), directions).backward()
+        assert sum(shares) / 2 == pytest.approx(float(s.grad), rel=1e-9 if impl == "torch" else 1e-4), (kind, impl, directions)

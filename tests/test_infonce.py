@@ -82,12 +82,12 @@ def dense_of(targets):
     return targets.dense(torch.float64)
 
 
-def oracle(img, txt, log_scale, targets):
+def oracle(img, txt, log_scale, targets, directions="both"):
     """Loss and gradients of the float64 dense formula (autograd through F.log_softmax)."""
     a = img.detach().double().cpu().requires_grad_()
     b = txt.detach().double().cpu().requires_grad_()
     s = torch.tensor(float(log_scale), dtype=torch.float64, requires_grad=True)
-    loss = infonce_loss_reference(a, b, s, targets)
+    loss = infonce_loss_reference(a, b, s, targets, directions)
     loss.backward()
     return float(loss.detach()), a.grad, b.grad, float(s.grad)
 
@@ -232,6 +232,37 @@ def test_triton_matches_float64_oracle(kind, b, d):
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-5)
     assert got[3] == pytest.approx(want[3], rel=1e-4, abs=1e-6)
+
+
+def test_single_directions_of_the_reference_are_the_two_halves():
+    img, txt = features(9, 5, torch.float64, seed=4)
+    s = torch.tensor(1.7, dtype=torch.float64)
+    logits = s.exp() * img @ txt.T
+    labels = torch.arange(9)
+    i2t = infonce_loss_reference(img, txt, s, directions="image_to_text")
+    t2i = infonce_loss_reference(img, txt, s, directions="text_to_image")
+    assert float(i2t) == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-12)
+    assert float(t2i) == pytest.approx(float(F.cross_entropy(logits.T, labels)), rel=1e-12)
+    t = make_targets("correlation", 9)
+    halves = infonce_loss_reference(img, txt, s, t, "image_to_text") + infonce_loss_reference(img, txt, s, t, "text_to_image")
+    assert float(halves) / 2 == pytest.approx(direct(img, txt, 1.7, t.dense()), rel=1e-12)
+    with pytest.raises(ValueError, match="directions"):
+        infonce_loss(img, txt, s, directions="sideways")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["hard", "correlation", "labels"])
+@pytest.mark.parametrize("directions", ["image_to_text", "text_to_image"])
+def test_single_direction_matches_float64_oracle(impl, kind, directions):
+    img, txt = features(21, 11, torch.float64 if impl == "torch" else torch.float32, seed=6)
+    targets = make_targets(kind, 21, seed=2)
+    want = oracle(img, txt, 2.0, targets, directions)
+    got = run(img, txt, 2.0, targets, impl=impl, chunk_size=4, fp32_precision="ieee", directions=directions)
+    tol = dict(rtol=1e-10, atol=1e-12) if impl == "torch" else dict(rtol=1e-4, atol=1e-6)
+    assert got[0] == pytest.approx(want[0], rel=tol["rtol"])
+    torch.testing.assert_close(got[1], want[1], **tol)
+    torch.testing.assert_close(got[2], want[2], **tol)
+    assert got[3] == pytest.approx(want[3], rel=tol["rtol"], abs=tol["atol"])
 
 
 def test_triton_rectangular_labels():

@@ -131,3 +131,22 @@ def test_shards_round_trip_through_s3(s3_server, caplog):
     batches = list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize(), storage_options=s3_server)))
     assert len(batches) == 6 and manifest.shards[1].url in caplog.text
     assert "testing" not in caplog.text  # credentials stay out of the log
+
+
+def test_credentials_in_a_config_are_environment_references_resolved_where_used(s3_server, monkeypatch):
+    from launch.config import ConfigError, build_config
+    from trainer.data.storage import resolve_env_refs
+
+    with pytest.raises(ConfigError, match=r"data.storage_options.*\(key, client_kwargs.aws_session_token\)"):
+        build_config({"data": {"storage_options": {"key": "AKIA123", "client_kwargs": {"aws_session_token": "t"}}}})
+    refs = {"endpoint_url": s3_server["endpoint_url"], "key": "${HILUM_TEST_KEY}", "secret": "${HILUM_TEST_SECRET}"}
+    cfg = build_config({"data": {"storage_options": refs}})
+    assert cfg.data.storage_options == refs  # what a saved config holds: the references
+    with pytest.raises(ValueError, match="storage_options.key: environment variable HILUM_TEST_KEY is not set"):
+        resolve_env_refs(refs)
+    monkeypatch.setenv("HILUM_TEST_KEY", s3_server["key"])
+    monkeypatch.setenv("HILUM_TEST_SECRET", s3_server["secret"])
+    fs = fsspec.filesystem("s3", **s3_server)
+    fs.mkdir("hilum-refs")
+    write_shards(simple_samples(4, prefix="r"), "s3://hilum-refs/d", "train", samples_per_shard=4, storage_options=refs)
+    assert load_manifest("s3://hilum-refs/d/train.json", refs).num_samples == 4

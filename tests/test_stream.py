@@ -196,6 +196,14 @@ def test_every_kind_of_bad_input_is_skipped_and_counted_by_reason(shards, tmp_pa
     assert "e.tar" in caplog.text and "b.tar" in caplog.text and "c.tar" in caplog.text
 
 
+def test_a_slot_with_no_usable_sample_fails_instead_of_spinning(tmp_path):
+    broken = ({**s, "json": b"{broken"} for s in simple_samples(12))
+    write_shards(broken, str(tmp_path), "train", samples_per_shard=6)
+    m = load_manifest(str(tmp_path / "train.json"))
+    with pytest.raises(RuntimeError, match="no usable samples"):
+        rank_batches(m, StreamSpec(batch_size=4, world_size=1, num_workers=0), 0)
+
+
 def test_stream_reads_through_fsspec_memory_filesystem():
     write_shards(simple_samples(24, prefix="m"), "memory://hilum-test/shards", "train", samples_per_shard=10)
     m = load_manifest("memory://hilum-test/shards/train.json")

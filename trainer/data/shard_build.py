@@ -31,7 +31,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from trainer.data.shards import Manifest, ShardSpec, load_manifest
 from trainer.data.sources import Record, split_records
-from trainer.data.storage import open_with_retry, redact_url
+from trainer.data.storage import open_with_retry, redact_url, url_to_fs
 
 log = logging.getLogger("hilum.data")
 
@@ -105,7 +105,7 @@ def _record_url(task: ShardTask) -> str:
 def build_shard(task: ShardTask) -> ShardResult:
     """Write one shard and then its completion record. Runs in a build worker process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fs, root = fsspec.core.url_to_fs(task.out, **task.storage_options)
+    fs, root = url_to_fs(task.out, task.storage_options)
     tar_path = posixpath.join(root, f"{task.name}.tar")
     skipped: Counter[str] = Counter()
     count = 0
@@ -141,7 +141,7 @@ def build_shard(task: ShardTask) -> ShardResult:
 
 def _finished(task: ShardTask, fs: fsspec.AbstractFileSystem) -> ShardResult | None:
     """The result of an earlier build of exactly this task, if its completion record says so."""
-    path = fsspec.core.url_to_fs(_record_url(task), **task.storage_options)[1]
+    path = url_to_fs(_record_url(task), task.storage_options)[1]
     try:
         with fs.open(path, "r") as f:
             done = json.load(f)
@@ -190,7 +190,7 @@ def build(
     source_skipped: Counter[str] | None = None,
 ) -> BuildSummary:
     """Write every split's shards (in ``workers`` processes) and then its manifest ``SPLIT.json``."""
-    fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    fs, root = url_to_fs(out, storage_options)
     fs.makedirs(posixpath.join(root, BUILD_DIR), exist_ok=True)
     tasks = plan(records, out, samples_per_shard, image, seed, storage_options)
     results: dict[str, ShardResult] = {}

@@ -13,10 +13,9 @@ import posixpath
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
-import fsspec
 import webdataset as wds
 
-from trainer.data.storage import open_with_retry, redact_url
+from trainer.data.storage import open_with_retry, redact_url, url_to_fs
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def write_shards(
     The manifest is written last, beside the shards, as ``{prefix}.json``: a reader that finds
     it knows every shard it names is complete.
     """
-    fs, root = fsspec.core.url_to_fs(out_dir, **(storage_options or {}))
+    fs, root = url_to_fs(out_dir, storage_options)
     fs.makedirs(root, exist_ok=True)
     specs: list[ShardSpec] = []
     it: Iterator[dict[str, Any]] = iter(samples)

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import fsspec
 
 from trainer.data.reports import Sections, count_words, extract_sections
-from trainer.data.storage import open_with_retry, redact_url
+from trainer.data.storage import open_with_retry, redact_url, url_to_fs
 
 log = logging.getLogger("hilum.data")
 
@@ -157,7 +157,7 @@ def mimic_records(
     skipped = Counter() if skipped is None else skipped
     root = root.rstrip("/")
     reports_root = (reports_root or root).rstrip("/")
-    fs, _ = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    fs, _ = url_to_fs(root, storage_options)
     meta_rows = read_table(_find_table(root, MIMIC_TABLE.format("metadata"), fs, True), storage_options)
     split_rows = read_table(_find_table(root, MIMIC_TABLE.format("split"), fs, True), storage_options)
     chexpert_url = _find_table(root, MIMIC_TABLE.format("chexpert"), fs, False)

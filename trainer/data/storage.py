@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import re
 import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -20,6 +22,59 @@ log = logging.getLogger("hilum")
 
 # Not transient: retrying cannot help, and a missing shard must be reported at once.
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+# Option names that hold credentials (s3fs `key`/`secret`/`token`, gcsfs `token`, adlfs
+# `account_key`/`sas_token`, HTTP `password` ...). In a config they must be written as references
+# to environment variables, ``${NAME}``, so that a saved or printed config never holds a secret.
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def is_secret_option(name: str) -> bool:
+    n = name.lower()
+    return n == "key" or n.endswith("_key") or n.endswith("key_id") or any(w in n for w in _SECRET_WORDS)
+
+
+def literal_secrets(options: Any, prefix: str = "") -> list[str]:
+    """Dotted names of credential options given as literal values rather than ``${ENV}`` references."""
+    found = []
+    if isinstance(options, dict):
+        for name, value in options.items():
+            where = f"{prefix}.{name}" if prefix else str(name)
+            if isinstance(value, (dict, list)):
+                found += literal_secrets(value, where)
+            elif is_secret_option(str(name)) and isinstance(value, str) and value and not _ENV_REF.fullmatch(value):
+                found.append(where)
+    elif isinstance(options, list):
+        for i, value in enumerate(options):
+            found += literal_secrets(value, f"{prefix}.{i}")
+    return found
+
+
+def resolve_env_refs(options: Any, where: str = "storage_options") -> Any:
+    """``options`` with every ``${NAME}`` replaced by the environment variable's value.
+
+    Resolved where the options are used (each worker), never stored: the run's saved config keeps
+    the reference.
+    """
+    if isinstance(options, dict):
+        return {k: resolve_env_refs(v, f"{where}.{k}") for k, v in options.items()}
+    if isinstance(options, list):
+        return [resolve_env_refs(v, f"{where}.{i}") for i, v in enumerate(options)]
+    if isinstance(options, str) and "${" in options:
+        def value(m: re.Match[str]) -> str:
+            if m.group(1) not in os.environ:
+                raise ValueError(f"{where}: environment variable {m.group(1)} is not set")
+            return os.environ[m.group(1)]
+
+        return _ENV_REF.sub(value, options)
+    return options
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """fsspec's ``url_to_fs`` with environment references in the options resolved."""
+    return fsspec.core.url_to_fs(url, **resolve_env_refs(storage_options or {}))
 
 
 def redact_url(url: str) -> str:
@@ -43,7 +98,7 @@ def open_with_retry(
     """``fsspec.open(url, mode).open()``, retrying other errors with exponential backoff."""
     for attempt in range(1, attempts):
         try:
-            return fsspec.open(url, mode, **(storage_options or {})).open()
+            return fsspec.open(url, mode, **resolve_env_refs(storage_options or {})).open()
         except PERMANENT:
             raise
         except Exception as err:  # noqa: BLE001 - network and server errors come in many types
@@ -51,7 +106,7 @@ def open_with_retry(
             log.warning("opening %s failed (%s: %s); retry %d/%d in %.1fs", redact_url(url), type(err).__name__,
                         err, attempt, attempts - 1, delay)
             time.sleep(delay)
-    return fsspec.open(url, mode, **(storage_options or {})).open()  # the last try raises what it meets
+    return fsspec.open(url, mode, **resolve_env_refs(storage_options or {})).open()  # the last try raises what it meets
 
 
 class RetryingReader(io.RawIOBase):

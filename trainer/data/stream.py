@@ -380,7 +380,7 @@ class ShardStream(IterableDataset):
         skipped: Counter[str] = Counter()  # drained into each batch; shard-level losses land here too
         raw = self._raw(order, slot * per, (slot + 1) * per, slot, epoch, skipped)
 
-        position = 0
+        position = misses = 0
         for index in range(first, len(sizes)):
             images, texts, metas = [], [], []
             while len(images) < sizes[index]:
@@ -395,7 +395,11 @@ class ShardStream(IterableDataset):
                     if not sample.get(REFILL):  # counted when first met
                         skipped[err.reason] += 1
                         log.warning("skipping corrupt sample (%s): %s", err.reason, err)
+                    misses += 1
+                    if misses > 2 * per:  # two whole passes over the slot without one usable sample
+                        raise RuntimeError(f"slot {slot} of {self.manifest.source} yields no usable samples") from err
                     continue
+                misses = 0
                 images.append(image)
                 texts.append(text)
                 metas.append(meta)
