@@ -33,6 +33,9 @@ class WorkerMetrics:
         self.loss = Gauge("hilum_loss", "Loss of the last step by objective term (total = weighted sum)", (*LABELS, "term"), registry=r)
         self.logit_scale = Gauge("hilum_logit_scale", "exp(logit_scale): inverse temperature", LABELS, registry=r)
         self.bad_samples = Counter("hilum_bad_samples", "Samples skipped, by reason", (*LABELS, "reason"), registry=r)
+        self.divergence_similarity = Gauge(
+            "hilum_divergence_similarity", "MLIP divergence encoders: s of the last update, per tower", (*LABELS, "tower"), registry=r
+        )
         self.checkpoint_seconds = Gauge("hilum_checkpoint_seconds", "Wall time of the last checkpoint save", LABELS, registry=r)
 
     def serve(self, host: str, port: int, local_rank: int) -> str:
@@ -65,6 +68,7 @@ class WorkerMetrics:
         losses: dict[str, float],
         logit_scale: float,
         skipped: dict[str, int],
+        similarity: dict[str, float] | None = None,
     ) -> None:
         lab = self.labels
         self.step.labels(**lab).set(step)
@@ -78,6 +82,8 @@ class WorkerMetrics:
         self.logit_scale.labels(**lab).set(logit_scale)
         for reason, n in skipped.items():
             self.bad_samples.labels(**lab, reason=reason).inc(n)
+        for tower, s in (similarity or {}).items():
+            self.divergence_similarity.labels(**lab, tower=tower).set(s)
 
     def close(self) -> None:
         if self._server is not None:

@@ -57,10 +57,11 @@ def manifest(tmp_path_factory):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("in_chans", [1, 3])
-def test_device_decode_gives_the_cpu_path_images(manifest, device, in_chans):
+@pytest.mark.parametrize("in_chans,views", [(1, 1), (3, 1), (1, 2)])
+def test_device_decode_gives_the_cpu_path_images(manifest, device, in_chans, views):
     spec = StreamSpec(batch_size=8, world_size=1, num_workers=0, seed=3)
-    common = dict(image_size=24, in_chans=in_chans, augment=True, crop_scale_min=0.5, brightness=0.2, contrast=0.2)
+    common = dict(image_size=24, in_chans=in_chans, augment=True, crop_scale_min=0.5, brightness=0.2, contrast=0.2,
+                  views=views)
     cpu_pre, dev_pre = Preprocess(**common), Preprocess(**common, defer_jpeg=True)
     cpu = list(make_loader(ShardStream(manifest, spec, cpu_pre, FakeTokenize())))
     deferred = list(make_loader(ShardStream(manifest, spec, dev_pre, FakeTokenize())))
@@ -72,8 +73,12 @@ def test_device_decode_gives_the_cpu_path_images(manifest, device, in_chans):
         assert a["_skipped"] == b["_skipped"]
         assert b["image"].device.type == device and b["image"].shape == a["image"].shape == (8, in_chans, 24, 24)
         # Same crops and factors; only the decoders' rounding (and colour→grey weights) differ.
-        diff = (a["image"] - b["image"].cpu()).abs() * PIXEL_STD * 255
-        assert diff.max() <= 3.0 and diff.mean() <= 0.5
+        for name in ("image", "image_aug") if views > 1 else ("image",):
+            diff = (a[name] - b[name].cpu()).abs() * PIXEL_STD * 255
+            assert diff.max() <= 3.0 and diff.mean() <= 0.5, name
+        if views > 1:
+            assert a["image_aug"].shape == (8, 1, in_chans, 24, 24)
+            assert (a["image_aug"][:, 0] - a["image"]).abs().amax(dim=(1, 2, 3)).min() > 0.05  # a different view
     assert sum(sum(b["_skipped"].values()) for b in cpu) == 1  # the truncated JPEG, on both paths
 
 
@@ -94,7 +99,7 @@ def test_a_jpeg_the_decoder_refuses_is_replaced_grey_and_counted(caplog):
     batch = {
         "image": torch.zeros(2, 1, 16, 16),
         "jpeg": {"index": [0, 1], "data": [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in (good, broken)],
-                 "params": [AugmentParams(0, 0, 20, 30)] * 2},
+                 "params": [(AugmentParams(0, 0, 20, 30),)] * 2},
         "meta": [{"__key__": "good"}, {"__key__": "bad"}],
         "_skipped": {},
     }

@@ -46,6 +46,9 @@ class TrainState:
 
     step: int = 0
     position: StreamPosition = field(default_factory=StreamPosition)
+    # Per-rank state of worker parts the engine does not checkpoint (tensors, dicts, numbers only:
+    # it loads with weights_only=True), e.g. the divergence encoders' ZeRO-3 partitions.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ def save(engine: Any, run_dir: Path, state: TrainState, rank: int, world_size: i
         shutil.rmtree(path)  # an incomplete leftover from a crash at this very step
     _barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"hilum_step": state.step}, save_latest=False)
-    payload = {"step": state.step, "position": state.position.to_dict(), "rng": capture_rng(), "world_size": world_size}
+    payload = {"step": state.step, "position": state.position.to_dict(), "rng": capture_rng(), "world_size": world_size,
+               "extra": state.extra}
     tmp = _rank_file(path, rank).with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, _rank_file(path, rank))
@@ -160,7 +164,8 @@ def load(engine: Any, ckpt: Path, rank: int, world_size: int) -> TrainState:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}")
     payload = torch.load(_rank_file(ckpt, rank), map_location="cpu", weights_only=True)
     restore_rng(payload["rng"])
-    return TrainState(step=int(payload["step"]), position=StreamPosition.from_dict(payload["position"]))
+    return TrainState(step=int(payload["step"]), position=StreamPosition.from_dict(payload["position"]),
+                      extra=payload.get("extra", {}))
 
 
 def use_weights_only_loading(engine: Any) -> None:

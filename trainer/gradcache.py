@@ -71,11 +71,14 @@ def gradcache_backward(
     objective: Objective,
     device: torch.device,
     replay_rng: bool = True,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    image_aug: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], ObjectiveInputs]:
     """Both passes and every chunk's backward; the caller makes the final ``engine.step()``.
 
     ``objective`` maps the cached features to (weighted total, per-term values). Returns those
-    and the logit scale. ``replay_rng=False`` exists only to show, in tests, what the replay buys.
+    and the objective's inputs (cached features, logit scale, divergence encoders' features when
+    ``image_aug`` is given: they run in the first pass only, having no gradient to replay).
+    ``replay_rng=False`` exists only to show, in tests, what the replay buys.
     """
     image, input_ids, attention_mask = batch
     slices = chunk_slices(image.shape[0], chunk_size)
@@ -83,13 +86,18 @@ def gradcache_backward(
     with torch.no_grad():
         for part in slices:
             states.append(RngState.capture(device))
-            cached.append(engine(image[part], input_ids[part], attention_mask[part]))
+            aug = image_aug[part] if image_aug is not None else None
+            cached.append(engine(image[part], input_ids[part], attention_mask[part], image_aug=aug))
     after_first_pass = RngState.capture(device)
 
     image_features = torch.cat([c.image for c in cached]).detach().requires_grad_()
     text_features = torch.cat([c.text for c in cached]).detach().requires_grad_()
     logit_scale = cached[0].logit_scale.detach().float().requires_grad_()
-    total, terms = objective(ObjectiveInputs(image_features, text_features, logit_scale, gather=gather_with_grad))
+    extras = {}
+    if image_aug is not None:
+        extras = {"image_aug": torch.cat([c.image_aug for c in cached]), "text_aug": torch.cat([c.text_aug for c in cached])}
+    inputs = ObjectiveInputs(image_features, text_features, logit_scale, gather=gather_with_grad, extras=extras)
+    total, terms = objective(inputs)
     # Leaves only: no parameter is reached, so no engine hook fires in this backward.
     total.backward()
 
@@ -105,4 +113,4 @@ def gradcache_backward(
         if index < len(slices) - 1:
             engine.step()  # inside the accumulation window: advances DeepSpeed's micro-step only
     after_first_pass.restore()  # the next step's randomness as if each chunk ran once
-    return total.detach(), {k: v.detach() for k, v in terms.items()}, logit_scale.detach()
+    return total.detach(), {k: v.detach() for k, v in terms.items()}, inputs

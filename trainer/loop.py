@@ -31,7 +31,8 @@ from trainer.data.stream import (
 )
 from trainer.data.text import Tokenize
 from trainer.distributed import WorkerInfo, all_reduce_mean, gather_with_grad, worker_info
-from trainer.engine import build_engine, pick_device, pick_dtype
+from trainer.divergence import DivergenceEncoders
+from trainer.engine import build_engine, deepspeed_config, pick_device, pick_dtype
 from trainer.evaluate import evaluate
 from trainer.gradcache import gradcache_backward
 from trainer.models.dual_encoder import build_model
@@ -75,6 +76,7 @@ class Worker:
     eval_preprocess: Preprocess
     metrics: Any  # monitoring.WorkerMetrics or None
     decoder: DeviceDecoder | None = None  # finishes batches whose JPEGs decode on the device
+    divergence: DivergenceEncoders | None = None  # MLIP's moving-average encoders, when a term needs them
 
     @property
     def run_dir(self) -> Path:
@@ -91,15 +93,23 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     device = pick_device(cfg.cluster.device, info.local_rank)
     dtype = pick_dtype(cfg.train.precision, device)
     tokenize = Tokenize(cfg.model.text.tokenizer, cfg.data.context_length)
+    objectives = build_objectives(cfg.objectives).to(device)
     model = build_model(cfg.model, cfg.data.in_chans, len(tokenize.tokenizer))
+    wants_divergence = any(o.divergence_encoders for o in objectives.values())
+    if wants_divergence:
+        model.add_divergence_encoders()  # before the engine, so ZeRO partitions them too
     engine = build_engine(model, cfg, info.world_size, device, dtype)
+    divergence = None
+    if wants_divergence:
+        divergence = DivergenceEncoders(engine.module, deepspeed_config(cfg, info.world_size, dtype)["zero_optimization"])
     seed_everything(cfg.run.seed + 1000 * info.rank)  # per-rank randomness from here on
     d, a = cfg.data, cfg.data.augment
     on_device = d.decode == "gpu" or (d.decode == "auto" and device.type == "cuda")
     if on_device and device.type != "cuda":
         raise RuntimeError(f"data.decode is 'gpu' but this worker's device is {device}")
+    views = max(o.views for o in objectives.values())
     train_pre = Preprocess(d.image_size, d.in_chans, d.text, True, a.crop_scale_min, a.brightness, a.contrast,
-                           defer_jpeg=on_device)
+                           defer_jpeg=on_device, views=views)
     eval_pre = Preprocess(d.image_size, d.in_chans, d.text, False)
     decoder = DeviceDecoder(train_pre.augment_spec, d.in_chans, device) if on_device else None
     metrics = None
@@ -110,8 +120,7 @@ def build_worker(cfg: "HilumConfig") -> Worker:
         url = metrics.serve(cfg.monitoring.metrics_host, cfg.monitoring.metrics_port, info.local_rank)
         metrics.write_target(cfg.run_dir / "metrics_targets")
         log.info("metrics at %s", url)
-    objectives = build_objectives(cfg.objectives).to(device)
-    return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics, decoder)
+    return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics, decoder, divergence)
 
 
 def weighted_objective(w: Worker, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -120,30 +129,44 @@ def weighted_objective(w: Worker, inputs: ObjectiveInputs) -> tuple[torch.Tensor
     return sum(term.weight * terms[term.name] for term in w.cfg.objectives), terms
 
 
-def plain_backward(w: Worker, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+StepResult = tuple[torch.Tensor, dict[str, torch.Tensor], ObjectiveInputs]
+
+
+def plain_backward(w: Worker, batch: tuple[torch.Tensor, ...], image_aug: torch.Tensor | None = None) -> StepResult:
     """One forward over the whole per-rank batch and its backward; the caller steps."""
-    out = w.engine(*batch)
+    out = w.engine(*batch, image_aug=image_aug)
+    extras = {"image_aug": out.image_aug, "text_aug": out.text_aug} if image_aug is not None else {}
     # Features stay in the model dtype (bf16 on GPUs): the loss kernels accumulate in float32.
-    total, terms = weighted_objective(w, ObjectiveInputs(out.image, out.text, out.logit_scale.float(), gather=gather_with_grad))
+    inputs = ObjectiveInputs(out.image, out.text, out.logit_scale.float(), gather=gather_with_grad, extras=extras)
+    total, terms = weighted_objective(w, inputs)
     w.engine.backward(total)
-    return total.detach(), {k: v.detach() for k, v in terms.items()}, out.logit_scale.detach()
+    return total.detach(), {k: v.detach() for k, v in terms.items()}, inputs
 
 
-def step_backward(w: Worker, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Every backward of one training step, plain or gradient-cached; the optimizer step is left."""
+def step_backward(w: Worker, batch: dict[str, Any]) -> StepResult:
+    """Every backward of one training step, plain or gradient-cached; the optimizer step is left.
+    Returns the weighted total, each term, and the objective's inputs (features, temperature)."""
     tensors = (batch["image"].to(w.device, w.dtype), batch["input_ids"].to(w.device), batch["attention_mask"].to(w.device))
+    image_aug = batch["image_aug"][:, 0].to(w.device, w.dtype) if w.divergence is not None else None
     if w.cfg.gradcache.enabled:
-        return gradcache_backward(w.engine, tensors, w.cfg.gradcache.chunk_size, partial(weighted_objective, w), w.device)
-    return plain_backward(w, tensors)
+        return gradcache_backward(w.engine, tensors, w.cfg.gradcache.chunk_size, partial(weighted_objective, w), w.device,
+                                  image_aug=image_aug)
+    return plain_backward(w, tensors, image_aug)
 
 
 def train_step(w: Worker, batch: dict[str, Any]) -> dict[str, float]:
-    """Forward, weighted objective terms, backward, optimizer step. Returns each term's value."""
-    total, terms, logit_scale = step_backward(w, batch)
+    """Forward, weighted objective terms, backward, optimizer step, divergence encoders' update.
+    Returns each term's value, the loss, the temperature and the divergence weights."""
+    total, terms, inputs = step_backward(w, batch)
     w.engine.step()
     values = {name: float(v) for name, v in terms.items()}
     values["loss"] = float(total)
-    values["logit_scale"] = float(logit_scale.exp())
+    values["logit_scale"] = float(inputs.logit_scale.detach().exp())
+    if w.divergence is not None:
+        x = inputs.extras
+        weights = w.divergence.similarities(inputs.image_features, inputs.text_features, x["image_aug"], x["text_aug"])
+        w.divergence.update(weights)
+        values.update({f"s_{tower}": s for tower, s in weights.items()})
     return values
 
 
@@ -184,6 +207,8 @@ def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
 
 def save_checkpoint(w: Worker, state: TrainState) -> None:
     t0 = time.perf_counter()
+    if w.divergence is not None:
+        state.extra["divergence"] = w.divergence.state_dict()
     path = checkpoint.save(
         w.engine, w.run_dir, state, w.info.rank, w.info.world_size, w.cfg.fingerprint(), w.cfg.train.keep_checkpoints
     )
@@ -220,9 +245,11 @@ class Progress:
         samples = len(batch["text"])
         self.window_samples += samples
         self.epoch_skipped.update(batch["_skipped"])
-        losses = {k: v for k, v in values.items() if k != "logit_scale"}
+        losses = {k: values[k] for k in ["loss", *(t.name for t in cfg.objectives)]}
+        similarity = {k[2:]: v for k, v in values.items() if k.startswith("s_")}  # divergence encoders' s per tower
         if w.metrics:
-            w.metrics.observe_step(state.step, samples, step_seconds, data_seconds, losses, values["logit_scale"], batch["_skipped"])
+            w.metrics.observe_step(state.step, samples, step_seconds, data_seconds, losses, values["logit_scale"],
+                                   batch["_skipped"], similarity)
         if state.step % cfg.train.log_every and state.step != cfg.train.max_steps:
             return
         elapsed = time.perf_counter() - self.window_start
@@ -232,6 +259,8 @@ class Progress:
                      "lr": w.engine.get_lr()[0], **{k: v for k, v in values.items() if k != "loss"}}
         if w.info.is_main:
             terms = " ".join(f"{t.name} {values[t.name]:.4f}" for t in cfg.objectives)
+            if similarity:
+                terms += " | s " + " ".join(f"{tower} {s:.3f}" for tower, s in similarity.items())
             log.info("step %d/%d | loss %.4f | %s | %.0f samples/s | step %.3fs (data %.3fs) | lr %.2e | scale %.1f",
                      state.step, cfg.train.max_steps, loss, terms, rate, step_seconds, data_seconds,
                      self.last["lr"], values["logit_scale"])
@@ -257,6 +286,8 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
     state = TrainState()
     if resume_from:
         state = checkpoint.load(w.engine, Path(resume_from), w.info.rank, w.info.world_size)
+        if w.divergence is not None:
+            w.divergence.load_state_dict(state.extra.get("divergence", {}))
         log.info("resumed from %s: continuing at step %d (epoch %d, batch %d)",
                  resume_from, state.step + 1, state.position.epoch, state.position.batch)
 

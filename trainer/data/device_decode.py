@@ -39,6 +39,7 @@ class DeviceDecoder:
         if pending is None:
             return batch
         image = batch["image"].to(self.device, non_blocking=True)
+        extra = batch["image_aug"].to(self.device, non_blocking=True) if "image_aug" in batch else None
         rows = pending["index"]
         for row, decoded, params in zip(rows, self._decode(pending["data"], rows, batch), pending["params"]):
             if decoded is None:
@@ -46,8 +47,12 @@ class DeviceDecoder:
             x = decoded.float().div_(255.0)
             if self.in_chans == 3:
                 x = x.expand(3, -1, -1)
-            image[row] = apply_params(self.spec, x, params)
+            image[row] = apply_params(self.spec, x, params[0])
+            for view, p in enumerate(params[1:]):
+                extra[row, view] = apply_params(self.spec, x, p)
         batch["image"] = image
+        if extra is not None:
+            batch["image_aug"] = extra
         return batch
 
     def _decode(self, data: list[torch.Tensor], rows: list[int], batch: dict[str, Any]) -> list[torch.Tensor | None]:

@@ -234,10 +234,11 @@ def decode_image(data: bytes, in_chans: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PendingJpeg:
-    """A JPEG left for the GPU to decode (batched nvJPEG), with its already-drawn augmentation."""
+    """A JPEG left for the GPU to decode (batched nvJPEG), with its already-drawn augmentation
+    (one set of parameters per view)."""
 
     data: torch.Tensor  # uint8, the file's bytes
-    params: AugmentParams
+    params: tuple[AugmentParams, ...]
 
 
 def _jpeg_header(data: bytes, key: str) -> tuple[int, int] | None:
@@ -265,6 +266,10 @@ class Preprocess:
     With ``defer_jpeg`` (GPU decode), an 8-bit JPEG comes back as a :class:`PendingJpeg`, its
     augmentation drawn here from the same generator the CPU path uses; everything else is
     decoded and augmented here, so both paths give the same images up to decoder rounding.
+
+    ``views`` > 1 returns that many independently augmented views of the image, stacked on a new
+    first axis (objectives with an augmented view: MLIP's divergence encoder, IMITATE's V-V
+    branch); the first view is the one a single-view stream would give.
     """
 
     image_size: int
@@ -275,6 +280,7 @@ class Preprocess:
     brightness: float = 0.0
     contrast: float = 0.0
     defer_jpeg: bool = False
+    views: int = 1
 
     @property
     def augment_spec(self) -> AugmentSpec:
@@ -299,29 +305,38 @@ class Preprocess:
         meta["__key__"] = key
         data = raw[ext]
         size = _jpeg_header(data, key) if self.defer_jpeg else None
+        spec = self.augment_spec
         if size is not None:
-            params = draw_params(self.augment_spec, *size, gen)
+            params = tuple(draw_params(spec, *size, gen) for _ in range(self.views))
             return PendingJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), params), text, meta
         try:
             image = decode_image(data, self.in_chans)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
             raise SampleError("bad_image", f"sample {key}: {type(err).__name__}: {err}") from None
-        spec = self.augment_spec
-        return apply_params(spec, image, draw_params(spec, image.shape[1], image.shape[2], gen)), text, meta
+        views = [apply_params(spec, image, draw_params(spec, image.shape[1], image.shape[2], gen)) for _ in range(self.views)]
+        return (views[0] if self.views == 1 else torch.stack(views)), text, meta
 
 
-def collate_images(images: list[torch.Tensor | PendingJpeg], in_chans: int, size: int) -> dict[str, Any]:
-    """``image`` (B, C, S, S); with pending JPEGs, also ``jpeg``: their rows, bytes and parameters
-    (their rows of ``image`` stay zero until :class:`~trainer.data.device_decode.DeviceDecoder`)."""
+def collate_images(images: list[torch.Tensor | PendingJpeg], in_chans: int, size: int, views: int = 1) -> dict[str, Any]:
+    """``image`` (B, C, S, S), and ``image_aug`` (B, views - 1, C, S, S) with extra views. With
+    pending JPEGs also ``jpeg``: their rows, bytes and parameters (their rows stay zero until
+    :class:`~trainer.data.device_decode.DeviceDecoder` fills them)."""
     pending = [(i, x) for i, x in enumerate(images) if isinstance(x, PendingJpeg)]
-    if not pending:
-        return {"image": torch.stack(images)}  # type: ignore[arg-type]
-    out = torch.zeros(len(images), in_chans, size, size)
-    for i, x in enumerate(images):
-        if not isinstance(x, PendingJpeg):
-            out[i] = x
-    return {"image": out, "jpeg": {"index": [i for i, _ in pending], "data": [x.data for _, x in pending],
-                                   "params": [x.params for _, x in pending]}}
+    shape = (len(images), views, in_chans, size, size)
+    if pending:
+        out = torch.zeros(shape)
+        for i, x in enumerate(images):
+            if not isinstance(x, PendingJpeg):
+                out[i] = x.reshape(shape[1:])
+    else:
+        out = torch.stack(images).reshape(shape)  # type: ignore[arg-type]
+    batch: dict[str, Any] = {"image": out[:, 0]}
+    if views > 1:
+        batch["image_aug"] = out[:, 1:]
+    if pending:
+        batch["jpeg"] = {"index": [i for i, _ in pending], "data": [x.data for _, x in pending],
+                         "params": [x.params for _, x in pending]}
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +419,7 @@ class ShardStream(IterableDataset):
                 texts.append(text)
                 metas.append(meta)
             batch: dict[str, Any] = {
-                **collate_images(images, self.preprocess.in_chans, self.preprocess.image_size),
+                **collate_images(images, self.preprocess.in_chans, self.preprocess.image_size, self.preprocess.views),
                 **self.tokenize(texts),
                 "text": texts,
                 "meta": metas,

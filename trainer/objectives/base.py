@@ -34,7 +34,14 @@ class ObjectiveInputs:
 
 
 class Objective(nn.Module):
-    """A term of the loss. Subclasses compute an unweighted scalar from ObjectiveInputs."""
+    """A term of the loss. Subclasses compute an unweighted scalar from ObjectiveInputs.
+
+    Class attributes say what a term needs from the rest of the worker: ``views`` augmented
+    views of each image from the stream, ``divergence_encoders`` on the model.
+    """
+
+    views: int = 1
+    divergence_encoders: bool = False
 
     def __init__(self, config: TermConfig) -> None:
         super().__init__()

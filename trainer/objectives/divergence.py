@@ -1,0 +1,54 @@
+"""``divergence``: MLIP's augmented global alignment (Li et al. 2024, Eq. 8, second half).
+
+    L = λ0/2 · mean_i [ L_v2a(v_i, t_aug_i) + L_a2t(v_aug_i, t_i) ]
+
+``L_v2a`` is the image→text direction of InfoNCE between the encoder's images and the divergence
+encoder's texts (Eq. 4a with t replaced by t_aug); ``L_a2t`` is the text→image direction between
+the divergence encoder's images and the encoder's texts (Eq. 4b with v replaced by v_aug). The
+first half of Eq. 8 is the ``clip`` term; λ0 is this term's ``weight``. Both directions use the
+global batch (every rank's samples) and the model's one temperature.
+
+What "augmented" means here: v_aug is the image divergence encoder on a second, independently
+augmented view of the image (random resized crop and intensity, as the first view; no flip),
+t_aug is the text divergence encoder on the same report — MLIP augments text only through the
+encoder, not by editing it. Neither carries a gradient; the encoders learn only through v and t.
+The divergence encoders themselves follow the encoders by Eq. 7 (``trainer.divergence``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from kernels import infonce_loss, infonce_loss_distributed
+from trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
+
+
+class DivergenceConfig(TermConfig):
+    name: Literal["divergence"]
+    gather: bool = Field(True, description="use every rank's samples as negatives")
+    impl: Literal["auto", "triton", "torch"] = Field("auto", description="loss implementation, as for `clip`")
+
+
+@register_objective("divergence", DivergenceConfig)
+class DivergenceObjective(Objective):
+    config: DivergenceConfig
+    views = 2  # the stream must give each sample a second augmented view
+    divergence_encoders = True
+
+    def _infonce(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, directions: str) -> torch.Tensor:
+        if self.config.gather:
+            return infonce_loss_distributed(image, text, scale, grad_reduction="data_parallel", impl=self.config.impl,
+                                            directions=directions)
+        return infonce_loss(image, text, scale, impl=self.config.impl, directions=directions)
+
+    def forward(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        try:
+            image_aug, text_aug = inputs.extras["image_aug"], inputs.extras["text_aug"]
+        except KeyError:
+            raise ValueError("the divergence term needs the divergence encoders' features (image_aug, text_aug)") from None
+        v2a = self._infonce(inputs.image_features, text_aug.detach(), inputs.logit_scale, "image_to_text")
+        a2t = self._infonce(image_aug.detach(), inputs.text_features, inputs.logit_scale, "text_to_image")
+        return 0.5 * (v2a + a2t)
