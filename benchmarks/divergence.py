@@ -5,7 +5,8 @@ usual ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)`` update, per st
 Each variant runs in its own group of processes (gloo on CPU, 2 ranks by default; NCCL on CUDA,
 one rank per GPU), building the real model with divergence encoders under the DeepSpeed engine
 (ZeRO-3), then timing ``--steps`` updates after a warm-up. Peak memory is what the update adds:
-CUDA's peak allocated memory above the state before it, or on CPU the peak resident set above it.
+CUDA's peak allocated memory above the state before it, or on CPU the peak resident set above it
+(sampled every millisecond during the timed updates).
 
     python benchmarks/divergence.py                                 # CPU, a small ViT + BERT
     python benchmarks/divergence.py --model resnet50-bert --ranks 1 # GPU
@@ -16,8 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,26 @@ SMALL = {  # about 25 M parameters per encoder pair: big enough for the gather t
                             "intermediate_size": 1536, "max_position_embeddings": 64}},
     },
 }
+
+
+class RssSampler(threading.Thread):
+    """The resident set's peak while it runs (ru_maxrss would report the whole process's peak,
+    model building included), sampled every millisecond."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.running = rss_bytes(), True
+        self.start()
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self.running = False
+        self.join()
+        return self.peak
 
 
 def _config(args: argparse.Namespace):  # noqa: ANN202 - HilumConfig
@@ -87,6 +108,7 @@ def _rank(rank: int, args: argparse.Namespace, port: int, queue) -> None:  # noq
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    sampler = None if cuda else RssSampler()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -94,7 +116,7 @@ def _rank(rank: int, args: argparse.Namespace, port: int, queue) -> None:  # noq
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else sampler.stop()
     n_params = sum(getattr(t, "ds_numel", t.numel()) for _, t in pairs)
     if rank == 0:
         times.sort()
@@ -120,6 +142,9 @@ def main() -> None:
         from trainer.data.phantom_dataset import build_phantom_dataset
 
         build_phantom_dataset(args.data, n_train=256, n_test=64, size=64, seed=0, samples_per_shard=64)
+    # Large CPU allocations go to mmap and back to the OS when freed, so the resident set shows live
+    # memory (glibc's adaptive threshold would keep the warm-up's freed gather buffers resident).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     for variant in ("shard_local", "gathered"):
         args.variant = variant
         queue = mp.get_context("spawn").SimpleQueue()
