@@ -289,6 +289,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key{_suggest(loc)}")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):  # an objective term's name
+            tag = str((e.get("ctx") or {}).get("tag", ""))
+            known = sorted(_DISCRIMINATED_TAGS)
+            close = difflib.get_close_matches(tag, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            what = f"unknown objective {tag!r}{hint}" if e["type"] == "union_tag_invalid" else "missing"
+            lines.append(f"  {field}.name: {what}; known: {', '.join(known)}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
