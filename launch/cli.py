@@ -6,6 +6,7 @@
     hilum shards build (--mimic ROOT | --csv TABLE) --out URL [--resize 512 --workers 8 ...]
     hilum shards verify MANIFEST_URL
     hilum checkpoints RUN_DIR
+    hilum status RUN_DIR [--watch]
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     _config_args(p)
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="a run's throughput, step-time breakdown, MFU and memory per rank",
+                       description="Reads each rank's metrics endpoint (or, once the run has ended, its last snapshot).")
+    p.add_argument("run_dir")
+    p.add_argument("--watch", action="store_true", help="refresh live until the run ends (Ctrl-C to leave)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("checkpoints", help="list a run's complete checkpoints")
     p.add_argument("run_dir")
@@ -203,6 +211,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
     log.info("resuming from %s", resume_from)
     _launch(resolve_paths(cfg), resume_from)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from monitoring.status import show
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / RESOLVED_CONFIG).is_file():
+        raise ConfigError(f"{run_dir} is not a hilum run directory (no {RESOLVED_CONFIG})")
+    show(run_dir, watch=args.watch, interval_s=args.interval)
     return 0
 
 

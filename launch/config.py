@@ -146,6 +146,10 @@ class MonitoringSection(_Section):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9400, ge=0, le=65535, description="rank r on node uses port + local_rank; 0: any free port")
     enabled: bool = True
+    pushgateway: str | None = Field(None, description="Prometheus pushgateway URL: metrics are also pushed at every log step and at the end")
+    peak_tflops: float | None = Field(None, gt=0.0, description="the device's dense peak for MFU; None: from the built-in table (GPUs)")
+    straggler_factor: float = Field(1.5, gt=1.0, description="a rank whose mean step time exceeds the job median by this factor is flagged")
+    phase_timing: bool = Field(True, description="time forward/loss/backward/optimizer separately (synchronises CUDA at phase ends)")
 
 
 class ZeroShotSection(_Section):

@@ -11,7 +11,9 @@ import json
 import logging
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
+
+from monitoring.flops import mfu
 
 log = logging.getLogger("hilum.metrics")
 
@@ -37,6 +39,22 @@ class WorkerMetrics:
             "hilum_divergence_similarity", "MLIP divergence encoders: s of the last update, per tower", (*LABELS, "tower"), registry=r
         )
         self.checkpoint_seconds = Gauge("hilum_checkpoint_seconds", "Wall time of the last checkpoint save", LABELS, registry=r)
+        self.checkpoint_bytes = Gauge("hilum_checkpoint_bytes", "Size of the last checkpoint (all ranks' files)", LABELS, registry=r)
+        self.tokens_per_second = Gauge("hilum_tokens_per_second", "Text tokens (non-padding) per second on this rank", LABELS, registry=r)
+        self.phase_seconds = Gauge(
+            "hilum_phase_seconds", "The last step's wall time by phase (data, forward, loss, backward, optimizer, divergence)",
+            (*LABELS, "phase"), registry=r,
+        )
+        self.flops_per_sample = Gauge("hilum_flops_per_sample", "Training FLOPs per sample (see monitoring/flops.py)", LABELS, registry=r)
+        self.mfu = Gauge("hilum_mfu", "Model FLOPs utilisation of the last step (0-1)", LABELS, registry=r)
+        self.memory_bytes = Gauge(
+            "hilum_device_memory_bytes", "Device memory: allocated, reserved, peak (CUDA) or rss (CPU)", (*LABELS, "kind"), registry=r
+        )
+        self.gradcache_chunks = Gauge("hilum_gradcache_chunks", "GradCache chunks per step (0: GradCache off)", LABELS, registry=r)
+        self.straggler = Gauge("hilum_straggler", "1 when this rank's step time exceeds the job median by the configured factor",
+                               LABELS, registry=r)
+        self.step_time_ratio = Gauge("hilum_step_time_vs_median", "This rank's mean step time over the job's median rank", LABELS,
+                                     registry=r)
 
     def serve(self, host: str, port: int, local_rank: int) -> str:
         """Start the HTTP endpoint; a busy port falls back to a free one rather than failing the run."""
@@ -69,6 +87,11 @@ class WorkerMetrics:
         logit_scale: float,
         skipped: dict[str, int],
         similarity: dict[str, float] | None = None,
+        phases: dict[str, float] | None = None,
+        tokens: int = 0,
+        flops_per_sample: float = 0.0,
+        peak_tflops: float | None = None,
+        memory: dict[str, float] | None = None,
     ) -> None:
         lab = self.labels
         self.step.labels(**lab).set(step)
@@ -77,6 +100,14 @@ class WorkerMetrics:
         self.data_wait_seconds.labels(**lab).set(data_seconds)
         if step_seconds > 0:
             self.samples_per_second.labels(**lab).set(batch_samples / step_seconds)
+            self.tokens_per_second.labels(**lab).set(tokens / step_seconds)
+            utilisation = mfu(batch_samples / step_seconds, flops_per_sample, peak_tflops)
+            if utilisation is not None:
+                self.mfu.labels(**lab).set(utilisation)
+        for phase, seconds in (phases or {}).items():
+            self.phase_seconds.labels(**lab, phase=phase).set(seconds)
+        for kind, value in (memory or {}).items():
+            self.memory_bytes.labels(**lab, kind=kind).set(value)
         for term, value in losses.items():
             self.loss.labels(**lab, term=term).set(value)
         self.logit_scale.labels(**lab).set(logit_scale)
@@ -84,6 +115,29 @@ class WorkerMetrics:
             self.bad_samples.labels(**lab, reason=reason).inc(n)
         for tower, s in (similarity or {}).items():
             self.divergence_similarity.labels(**lab, tower=tower).set(s)
+
+    def observe_straggler(self, ratio: float, flagged: bool) -> None:
+        self.step_time_ratio.labels(**self.labels).set(ratio)
+        self.straggler.labels(**self.labels).set(1.0 if flagged else 0.0)
+
+    def push(self, gateway: str) -> None:
+        """Push this rank's metrics to a Prometheus pushgateway (short jobs end before a scrape)."""
+        from prometheus_client import push_to_gateway
+
+        try:
+            push_to_gateway(gateway, job=f"hilum-{self.labels['run']}", registry=self.registry,
+                            grouping_key={"rank": self.labels["rank"], "node": self.labels["node"]})
+        except OSError as err:  # the gateway being down must not stop training
+            log.warning("pushing metrics to %s failed: %s", gateway, err)
+
+    def write_snapshot(self, directory: Path) -> Path:
+        """This rank's metrics in Prometheus' text format (node_exporter's textfile collector reads it)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"rank{self.labels['rank']}.prom"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(generate_latest(self.registry))
+        tmp.replace(path)
+        return path
 
     def close(self) -> None:
         if self._server is not None:

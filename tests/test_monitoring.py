@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 
+import pytest
+import torch
+
 from monitoring import WorkerMetrics
+from tests.conftest import ROOT
 
 
 def test_endpoint_serves_step_metrics_on_loopback(tmp_path):
@@ -38,3 +43,64 @@ def test_busy_port_falls_back_to_a_free_one():
     finally:
         a.close()
         b.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# MFU arithmetic, the dashboard's metric names
+
+
+class _TowerStub(torch.nn.Module):
+    """A model whose FLOPs are easy to count by hand: linear maps only."""
+
+    def __init__(self, pixels, width, hidden, embed):
+        super().__init__()
+        self.image_tower = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(pixels, width))
+        self.image_proj = torch.nn.Linear(width, embed, bias=False)
+        self.embed = torch.nn.Embedding(50, hidden)
+        self.text_lin = torch.nn.Linear(hidden, width)
+        self.text_proj = torch.nn.Linear(width, embed, bias=False)
+
+    def encode_image(self, image):
+        return torch.nn.functional.normalize(self.image_proj(self.image_tower(image)), dim=-1)
+
+    def text_tower(self, ids, mask):
+        return self.text_lin(self.embed(ids).mean(1))
+
+
+def test_training_flops_and_mfu_match_a_hand_count():
+    from monitoring.flops import mfu, peak_tflops, training_flops_per_sample
+
+    c, s, width, hidden, embed, batch = 1, 8, 16, 12, 4, 32
+    model = _TowerStub(c * s * s, width, hidden, embed)
+    image_fwd = 2 * (c * s * s) * width + 2 * width * embed  # two matrix products, 2 FLOPs per multiply-add
+    text_fwd = 2 * hidden * width + 2 * width * embed  # the embedding lookup and the mean count nothing
+    counts = training_flops_per_sample(model, s, c, 10, global_batch=batch)
+    assert counts["image"] == 3 * image_fwd and counts["text"] == 3 * text_fwd
+    assert counts["loss"] == 6 * batch * embed
+    assert counts["total"] == 3 * image_fwd + 3 * text_fwd + 6 * batch * embed
+    frozen = training_flops_per_sample(model, s, c, 10, frozen_text=True, divergence=True, gradcache=True, global_batch=batch)
+    assert frozen["text"] == text_fwd and frozen["image"] == 4 * image_fwd and frozen["divergence"] == image_fwd + text_fwd
+    # 1000 samples/s at 1e9 FLOPs each on a 4-TFLOP/s device: 25 %
+    assert mfu(1000.0, 1e9, 4.0) == pytest.approx(0.25)
+    assert mfu(1000.0, 1e9, None) is None
+    assert peak_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", torch.float32) == 156.0
+    assert peak_tflops("Some CPU", torch.float32) is None
+
+
+def exported_names() -> set[str]:
+    m = WorkerMetrics("r", 0, "n")
+    names = set()
+    for family in m.registry.collect():
+        names.add(family.name + ("_total" if family.type == "counter" else ""))
+    return names
+
+
+def test_dashboard_references_only_metrics_that_exist():
+    dashboard = json.loads((ROOT / "monitoring" / "dashboards" / "hilum.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\bhilum_[a-z_]+", e)}
+    assert used and used <= exported_names(), used - exported_names()
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for needed in ("throughput", "mfu", "breakdown", "per-rank", "data wait", "memory", "loss", "bad samples"):
+        assert needed in titles, needed

@@ -29,6 +29,7 @@ import torch
 
 from trainer.distributed import gather_with_grad
 from trainer.objectives import ObjectiveInputs
+from trainer.timing import NO_TIMER, PhaseTimer
 
 
 @dataclass
@@ -72,6 +73,7 @@ def gradcache_backward(
     device: torch.device,
     replay_rng: bool = True,
     image_aug: torch.Tensor | None = None,
+    timer: PhaseTimer = NO_TIMER,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], ObjectiveInputs]:
     """Both passes and every chunk's backward; the caller makes the final ``engine.step()``.
 
@@ -89,6 +91,7 @@ def gradcache_backward(
             aug = image_aug[part] if image_aug is not None else None
             cached.append(engine(image[part], input_ids[part], attention_mask[part], image_aug=aug))
     after_first_pass = RngState.capture(device)
+    timer.mark("forward")
 
     image_features = torch.cat([c.image for c in cached]).detach().requires_grad_()
     text_features = torch.cat([c.text for c in cached]).detach().requires_grad_()
@@ -100,6 +103,7 @@ def gradcache_backward(
     total, terms = objective(inputs)
     # Leaves only: no parameter is reached, so no engine hook fires in this backward.
     total.backward()
+    timer.mark("loss")
 
     for index, part in enumerate(slices):
         if replay_rng:
@@ -113,4 +117,5 @@ def gradcache_backward(
         if index < len(slices) - 1:
             engine.step()  # inside the accumulation window: advances DeepSpeed's micro-step only
     after_first_pass.restore()  # the next step's randomness as if each chunk ran once
+    timer.mark("backward")  # each chunk's replayed forward and its backward
     return total.detach(), {k: v.detach() for k, v in terms.items()}, inputs

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
+from monitoring.flops import peak_tflops, training_flops_per_sample
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.data.device_decode import DeviceDecoder
@@ -30,13 +33,14 @@ from trainer.data.stream import (
     resume_position,
 )
 from trainer.data.text import Tokenize
-from trainer.distributed import WorkerInfo, all_reduce_mean, gather_with_grad, worker_info
+from trainer.distributed import WorkerInfo, all_gather_floats, all_reduce_mean, gather_with_grad, worker_info
 from trainer.divergence import DivergenceEncoders
 from trainer.engine import build_engine, deepspeed_config, pick_device, pick_dtype
 from trainer.evaluate import evaluate
-from trainer.gradcache import gradcache_backward
+from trainer.gradcache import gradcache_backward, num_chunks
 from trainer.models.dual_encoder import build_model
 from trainer.objectives import ObjectiveInputs, build_objectives
+from trainer.timing import NO_TIMER, PhaseTimer
 
 if TYPE_CHECKING:
     from launch.config import HilumConfig
@@ -132,33 +136,38 @@ def weighted_objective(w: Worker, inputs: ObjectiveInputs) -> tuple[torch.Tensor
 StepResult = tuple[torch.Tensor, dict[str, torch.Tensor], ObjectiveInputs]
 
 
-def plain_backward(w: Worker, batch: tuple[torch.Tensor, ...], image_aug: torch.Tensor | None = None) -> StepResult:
+def plain_backward(w: Worker, batch: tuple[torch.Tensor, ...], image_aug: torch.Tensor | None = None,
+                   timer: PhaseTimer = NO_TIMER) -> StepResult:
     """One forward over the whole per-rank batch and its backward; the caller steps."""
     out = w.engine(*batch, image_aug=image_aug)
+    timer.mark("forward")
     extras = {"image_aug": out.image_aug, "text_aug": out.text_aug} if image_aug is not None else {}
     # Features stay in the model dtype (bf16 on GPUs): the loss kernels accumulate in float32.
     inputs = ObjectiveInputs(out.image, out.text, out.logit_scale.float(), gather=gather_with_grad, extras=extras)
     total, terms = weighted_objective(w, inputs)
+    timer.mark("loss")
     w.engine.backward(total)
+    timer.mark("backward")
     return total.detach(), {k: v.detach() for k, v in terms.items()}, inputs
 
 
-def step_backward(w: Worker, batch: dict[str, Any]) -> StepResult:
+def step_backward(w: Worker, batch: dict[str, Any], timer: PhaseTimer = NO_TIMER) -> StepResult:
     """Every backward of one training step, plain or gradient-cached; the optimizer step is left.
     Returns the weighted total, each term, and the objective's inputs (features, temperature)."""
     tensors = (batch["image"].to(w.device, w.dtype), batch["input_ids"].to(w.device), batch["attention_mask"].to(w.device))
     image_aug = batch["image_aug"][:, 0].to(w.device, w.dtype) if w.divergence is not None else None
     if w.cfg.gradcache.enabled:
         return gradcache_backward(w.engine, tensors, w.cfg.gradcache.chunk_size, partial(weighted_objective, w), w.device,
-                                  image_aug=image_aug)
-    return plain_backward(w, tensors, image_aug)
+                                  image_aug=image_aug, timer=timer)
+    return plain_backward(w, tensors, image_aug, timer)
 
 
-def train_step(w: Worker, batch: dict[str, Any]) -> dict[str, float]:
+def train_step(w: Worker, batch: dict[str, Any], timer: PhaseTimer = NO_TIMER) -> dict[str, float]:
     """Forward, weighted objective terms, backward, optimizer step, divergence encoders' update.
     Returns each term's value, the loss, the temperature and the divergence weights."""
-    total, terms, inputs = step_backward(w, batch)
+    total, terms, inputs = step_backward(w, batch, timer)
     w.engine.step()
+    timer.mark("optimizer")
     values = {name: float(v) for name, v in terms.items()}
     values["loss"] = float(total)
     values["logit_scale"] = float(inputs.logit_scale.detach().exp())
@@ -167,6 +176,7 @@ def train_step(w: Worker, batch: dict[str, Any]) -> dict[str, float]:
         weights = w.divergence.similarities(inputs.image_features, inputs.text_features, x["image_aug"], x["text_aug"])
         w.divergence.update(weights)
         values.update({f"s_{tower}": s for tower, s in weights.items()})
+        timer.mark("divergence")
     return values
 
 
@@ -215,6 +225,8 @@ def save_checkpoint(w: Worker, state: TrainState) -> None:
     seconds = time.perf_counter() - t0
     if w.metrics:
         w.metrics.checkpoint_seconds.labels(**w.metrics.labels).set(seconds)
+        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        w.metrics.checkpoint_bytes.labels(**w.metrics.labels).set(size)
     log.info("checkpoint %s saved in %.1fs", path, seconds)
 
 
@@ -225,6 +237,13 @@ class Progress:
         self.w = w
         self.last: dict[str, Any] = {}
         self.epoch_skipped: Counter[str] = Counter()
+        self.flops_per_sample, self.peak_tflops = 0.0, None
+        if w.metrics:
+            self.flops_per_sample = count_flops_per_sample(w)
+            self.peak_tflops = w.cfg.monitoring.peak_tflops or device_peak_tflops(w.device, w.dtype)
+            w.metrics.flops_per_sample.labels(**w.metrics.labels).set(self.flops_per_sample)
+            chunks = num_chunks(w.cfg.data.batch_size, w.cfg.gradcache.chunk_size) if w.cfg.gradcache.enabled else 0
+            w.metrics.gradcache_chunks.labels(**w.metrics.labels).set(chunks)
         self.restart_window()
 
     def epoch_done(self, epoch: int, finished: bool = True) -> None:
@@ -237,21 +256,44 @@ class Progress:
         self.epoch_skipped.clear()
 
     def restart_window(self) -> None:
-        self.window_start, self.window_samples = time.perf_counter(), 0
+        self.window_start, self.window_samples, self.window_steps, self.window_step_seconds = time.perf_counter(), 0, 0, 0.0
+
+    def check_stragglers(self) -> None:
+        """Compare every rank's mean step time over the window with the median rank (collective)."""
+        w = self.w
+        mine = self.window_step_seconds / max(1, self.window_steps)
+        times = all_gather_floats(mine, w.device)
+        median = statistics.median(times)
+        factor = w.cfg.monitoring.straggler_factor
+        ratio = mine / median if median > 0 else 1.0
+        if w.metrics:
+            w.metrics.observe_straggler(ratio, ratio > factor)
+        slow = [(rank, t) for rank, t in enumerate(times) if median > 0 and t > factor * median]
+        if slow and w.info.is_main:
+            log.warning("straggler%s: %s (median step %.3fs, factor %.1f)", "s" if len(slow) > 1 else "",
+                        ", ".join(f"rank {r} {t:.3f}s" for r, t in slow), median, factor)
 
     def step_done(self, state: TrainState, batch: dict[str, Any], values: dict[str, float],
-                  data_seconds: float, step_seconds: float, report: Reporter | None) -> None:
+                  data_seconds: float, step_seconds: float, report: Reporter | None,
+                  phases: dict[str, float] | None = None) -> None:
         w, cfg = self.w, self.w.cfg
         samples = len(batch["text"])
         self.window_samples += samples
+        self.window_steps += 1
+        self.window_step_seconds += step_seconds
         self.epoch_skipped.update(batch["_skipped"])
         losses = {k: values[k] for k in ["loss", *(t.name for t in cfg.objectives)]}
         similarity = {k[2:]: v for k, v in values.items() if k.startswith("s_")}  # divergence encoders' s per tower
         if w.metrics:
             w.metrics.observe_step(state.step, samples, step_seconds, data_seconds, losses, values["logit_scale"],
-                                   batch["_skipped"], similarity)
+                                   batch["_skipped"], similarity, phases=phases, tokens=int(batch["attention_mask"].sum()),
+                                   flops_per_sample=self.flops_per_sample, peak_tflops=self.peak_tflops,
+                                   memory=device_memory(w.device))
         if state.step % cfg.train.log_every and state.step != cfg.train.max_steps:
             return
+        self.check_stragglers()
+        if w.metrics and cfg.monitoring.pushgateway:
+            w.metrics.push(cfg.monitoring.pushgateway)
         elapsed = time.perf_counter() - self.window_start
         rate = self.window_samples / elapsed * w.info.world_size if elapsed > 0 else 0.0
         loss = all_reduce_mean(values["loss"], w.device)  # collective: every rank logs at the same steps
@@ -269,6 +311,33 @@ class Progress:
         if report:
             report(self.last)
         self.restart_window()
+
+
+def count_flops_per_sample(w: Worker) -> float:
+    """Training FLOPs per sample of this worker's model (a CPU copy without weights, counted once)."""
+    cfg = w.cfg
+    model_cfg = cfg.model.model_copy(update={"image": cfg.model.image.model_copy(update={"weights": None})})
+    model = build_model(model_cfg, cfg.data.in_chans, len(w.tokenize.tokenizer))
+    counts = training_flops_per_sample(
+        model, cfg.data.image_size, cfg.data.in_chans, cfg.data.context_length, frozen_text=cfg.model.text.freeze,
+        divergence=w.divergence is not None, gradcache=cfg.gradcache.enabled,
+        global_batch=cfg.data.batch_size * w.info.world_size,
+    )
+    return float(counts["total"])
+
+
+def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda":
+        return None
+    return peak_tflops(torch.cuda.get_device_name(device), dtype)
+
+
+def device_memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
+                "peak": torch.cuda.max_memory_allocated(device)}
+    with open("/proc/self/statm") as f:
+        return {"rss": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
 
 
 def advance(position: StreamPosition, batch: dict[str, Any], workers: int) -> StreamPosition:
@@ -307,17 +376,20 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
                          storage_options=cfg.data.storage_options, epochs=None)
     batches = iter(make_loader(stream))
     while state.step < cfg.train.max_steps:
+        timer = PhaseTimer(w.device, enabled=w.metrics is not None and cfg.monitoring.phase_timing)
         t_data = time.perf_counter()
         batch = next(batches)
         if w.decoder is not None:
             batch = w.decoder(batch)  # part of the data wait: decode is data preparation
         if batch["_epoch"] != state.position.epoch:
             progress.epoch_done(state.position.epoch)
+        timer.mark("data")
         t_step = time.perf_counter()
-        values = train_step(w, batch)
+        values = train_step(w, batch, timer)
         state.step += 1
         state.position = advance(state.position, batch, spec.workers)
-        progress.step_done(state, batch, values, data_seconds=t_step - t_data, step_seconds=time.perf_counter() - t_data, report=report)
+        progress.step_done(state, batch, values, data_seconds=t_step - t_data, step_seconds=time.perf_counter() - t_data,
+                           report=report, phases=timer.phases)
 
         every = cfg.train.checkpoint_every
         if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
@@ -337,5 +409,8 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
             if w.info.is_main:
                 (w.run_dir / "eval.json").write_text(json.dumps(ev, indent=1))
     if w.metrics:
+        w.metrics.write_snapshot(w.run_dir / "metrics")
+        if cfg.monitoring.pushgateway:
+            w.metrics.push(cfg.monitoring.pushgateway)
         w.metrics.close()
     return result
