@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch 2.14.1 / torchvision 0.29.1 are pinned in pyproject.toml.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv data clean
+.PHONY: demo test venv data clean sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,25 @@ data/phantom/train.json: | $(STAMP)
 
 data: data/phantom/train.json
 
-demo: $(STAMP) data/phantom/train.json
+demo: $(STAMP) sysdeps data/phantom/train.json
 	$(BIN)/hilum train --config configs/tiny-clip.yaml --set run.name=tiny-clip-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+# System packages from Debian: g++ (DeepSpeed JIT-builds its CPU communication op) and the
+# Prometheus server (the monitoring end-to-end test scrapes a real run). Installed when missing.
+sysdeps:
+	@missing=""; \
+	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
+	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "missing system packages:$$missing (Debian/Ubuntu: sudo apt-get install$$missing)"; exit 1; \
+	  fi; \
+	fi
+
+test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q tests
 
 clean:

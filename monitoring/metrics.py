@@ -26,6 +26,7 @@ class WorkerMetrics:
         self.labels = {"run": run, "rank": str(rank), "node": node}
         self.url: str | None = None
         self._server = None
+        self._targets: list[Path] = []
         r = self.registry
         self.samples_per_second = Gauge("hilum_samples_per_second", "Samples per second on this rank", LABELS, registry=r)
         self.step_seconds = Gauge("hilum_step_seconds", "Wall time of the last step", LABELS, registry=r)
@@ -68,14 +69,24 @@ class WorkerMetrics:
         self.url = f"http://{host}:{bound}/metrics"
         return self.url
 
-    def write_target(self, directory: Path) -> None:
-        """Record where this rank's metrics are, in Prometheus file_sd format."""
+    def write_target(self, directory: Path, name: str | None = None) -> Path | None:
+        """Record where this rank's metrics are, in Prometheus file_sd format (written whole, then
+        renamed: Prometheus re-reads the file as soon as it changes)."""
         if not self.url:
-            return
+            return None
         directory.mkdir(parents=True, exist_ok=True)
         host_port = self.url.split("//", 1)[1].split("/", 1)[0]
         target = [{"targets": [host_port], "labels": dict(self.labels)}]
-        (directory / f"rank{self.labels['rank']}.json").write_text(json.dumps(target))
+        path = directory / (name or f"rank{self.labels['rank']}.json")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(target))
+        tmp.replace(path)
+        self._targets.append(path)
+        return path
+
+    def discard_target(self, path: Path) -> None:
+        """Stop Prometheus from scraping this endpoint (the run is over)."""
+        path.unlink(missing_ok=True)
 
     def observe_step(
         self,

@@ -122,7 +122,9 @@ def build_worker(cfg: "HilumConfig") -> Worker:
 
         metrics = WorkerMetrics(cfg.run.name, info.rank, info.node)
         url = metrics.serve(cfg.monitoring.metrics_host, cfg.monitoring.metrics_port, info.local_rank)
-        metrics.write_target(cfg.run_dir / "metrics_targets")
+        metrics.write_target(cfg.run_dir / "metrics_targets")  # this run's ranks: `hilum status`
+        # Every run under output_dir in one folder: Prometheus's file_sd globs only the last path element.
+        metrics.write_target(Path(cfg.run.output_dir) / "metrics_targets", f"{cfg.run.name}-rank{info.rank}.json")
         log.info("metrics at %s", url)
     return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics, decoder, divergence)
 
@@ -410,6 +412,7 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
                 (w.run_dir / "eval.json").write_text(json.dumps(ev, indent=1))
     if w.metrics:
         w.metrics.write_snapshot(w.run_dir / "metrics")
+        w.metrics.discard_target(Path(cfg.run.output_dir) / "metrics_targets" / f"{cfg.run.name}-rank{w.info.rank}.json")
         if cfg.monitoring.pushgateway:
             w.metrics.push(cfg.monitoring.pushgateway)
         w.metrics.close()
