@@ -1,5 +1,5 @@
-"""Metrics: definitions, the per-worker Prometheus exporter, and the console log line."""
+"""Metrics: definitions, the per-worker Prometheus exporter, FLOP counting, and `hilum status`."""
 
-from monitoring.metrics import WorkerMetrics
+from monitoring.metrics import WorkerMetrics, find_stragglers
 
-__all__ = ["WorkerMetrics"]
+__all__ = ["WorkerMetrics", "find_stragglers"]

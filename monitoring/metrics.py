@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
@@ -18,6 +19,12 @@ from monitoring.flops import mfu
 log = logging.getLogger("hilum.metrics")
 
 LABELS = ("run", "rank", "node")
+
+
+def find_stragglers(step_seconds: list[float], factor: float) -> tuple[float, list[int]]:
+    """(median step time, ranks whose step time exceeds ``factor`` × the median)."""
+    median = statistics.median(step_seconds)
+    return median, [rank for rank, t in enumerate(step_seconds) if median > 0 and t > factor * median]
 
 
 class WorkerMetrics:

@@ -104,3 +104,11 @@ def test_dashboard_references_only_metrics_that_exist():
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for needed in ("throughput", "mfu", "breakdown", "per-rank", "data wait", "memory", "loss", "bad samples"):
         assert needed in titles, needed
+
+
+def test_a_rank_slower_than_the_median_by_the_factor_is_a_straggler():
+    from monitoring import find_stragglers
+
+    assert find_stragglers([1.0, 1.1, 3.0, 0.9], 1.5) == (1.05, [2])
+    assert find_stragglers([1.0, 1.4], 1.5) == (1.2, [])
+    assert find_stragglers([0.5], 1.5) == (0.5, [])

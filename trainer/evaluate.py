@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from trainer.data.shards import Manifest
 from trainer.data.stream import Preprocess, ShardStream, StreamSpec, make_loader
@@ -35,7 +36,12 @@ def encode_manifest(
     stream = ShardStream(manifest, spec, preprocess, tokenize, storage_options=storage_options)
     images, texts, reports, metas = [], [], [], []
     seen = 0
+    total = min(manifest.num_samples, max_samples) if max_samples else manifest.num_samples
+    # A progress bar on an interactive terminal only (tqdm's disable=None), on the first rank.
+    show = not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0)
+    bar = tqdm(total=total, desc="eval", unit="sample", disable=None if show else True, leave=False)
     for batch in make_loader(stream):
+        bar.update(len(batch["text"]))
         out = model(batch["image"].to(device, dtype), batch["input_ids"].to(device), batch["attention_mask"].to(device))
         images.append(out.image.float().cpu())
         texts.append(out.text.float().cpu())
@@ -44,6 +50,7 @@ def encode_manifest(
         seen += len(batch["text"])
         if max_samples and seen >= max_samples:
             break
+    bar.close()
     n = min(seen, max_samples) if max_samples else seen
     return torch.cat(images)[:n], torch.cat(texts)[:n], reports[:n], metas[:n]
 

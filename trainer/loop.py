@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from monitoring.flops import peak_tflops, training_flops_per_sample
+from monitoring.metrics import find_stragglers
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.data.device_decode import DeviceDecoder
@@ -265,15 +265,13 @@ class Progress:
         w = self.w
         mine = self.window_step_seconds / max(1, self.window_steps)
         times = all_gather_floats(mine, w.device)
-        median = statistics.median(times)
         factor = w.cfg.monitoring.straggler_factor
-        ratio = mine / median if median > 0 else 1.0
+        median, slow = find_stragglers(times, factor)
         if w.metrics:
-            w.metrics.observe_straggler(ratio, ratio > factor)
-        slow = [(rank, t) for rank, t in enumerate(times) if median > 0 and t > factor * median]
+            w.metrics.observe_straggler(mine / median if median > 0 else 1.0, w.info.rank in slow)
         if slow and w.info.is_main:
             log.warning("straggler%s: %s (median step %.3fs, factor %.1f)", "s" if len(slow) > 1 else "",
-                        ", ".join(f"rank {r} {t:.3f}s" for r, t in slow), median, factor)
+                        ", ".join(f"rank {r} {times[r]:.3f}s" for r in slow), median, factor)
 
     def step_done(self, state: TrainState, batch: dict[str, Any], values: dict[str, float],
                   data_seconds: float, step_seconds: float, report: Reporter | None,
