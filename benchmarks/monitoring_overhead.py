@@ -4,6 +4,8 @@ timing, MFU, memory, straggler check at every log step) versus off, same run oth
 
 Runs ``hilum train`` (local launcher) in alternating on/off pairs so that drift of the machine
 affects both; the rate of a run is the mean over its log windows after the first (warm-up).
+Because run-to-run noise on a small machine exceeds 1 %, it also times in-process what
+monitoring adds to each step (phase marks, metric updates, the memory read), a tighter bound.
 
     python benchmarks/monitoring_overhead.py --pairs 3 --steps 120
 """
@@ -39,6 +41,29 @@ def run(enabled: bool, args: argparse.Namespace, out: Path, index: int) -> float
     return statistics.mean(x["samples_per_second"] for x in lines[1:])
 
 
+def per_step_cost_us(repeats: int = 2000) -> float:
+    """What monitoring adds to every step in-process: phase marks, the metric updates, the memory read."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from monitoring import WorkerMetrics
+    from trainer.loop import device_memory
+    from trainer.timing import PhaseTimer
+
+    m = WorkerMetrics("bench", 0, "n")
+    phases = ("data", "forward", "loss", "backward", "optimizer")
+    t0 = time.perf_counter()
+    for step in range(repeats):
+        timer = PhaseTimer(torch.device("cpu"))
+        for phase in phases:
+            timer.mark(phase)
+        m.observe_step(step, 32, 0.2, 0.01, {"loss": 1.0, "clip": 1.0}, 14.0, {}, {}, phases=timer.phases, tokens=1000,
+                       flops_per_sample=1e9, peak_tflops=100.0, memory=device_memory(torch.device("cpu")))
+    return (time.perf_counter() - t0) / repeats * 1e6
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=3)
@@ -63,6 +88,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "workers": args.workers, "steps": args.steps,
         "on_samples_per_s": on, "off_samples_per_s": off,
         "overhead_percent": 100 * (1 - statistics.mean(on) / statistics.mean(off)),
+        "per_step_cost_us": per_step_cost_us(),
     }
     print(json.dumps(result))
     if args.out:
