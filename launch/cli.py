@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsectioned", choices=("skip", "findings"), default="skip",
                    help="a report with neither FINDINGS nor IMPRESSION: skip it (counted), or use its whole text as findings")
     p.add_argument("--label-columns", default="", help="--csv: comma-separated numeric label columns")
+    p.add_argument("--entities", choices=("rules", "none"), default="rules",
+                   help="(severity, location, category) triplets in each sample's JSON: the offline rule-based extractor, or none")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="build processes")
     p.add_argument("--seed", type=int, default=0, help="seeds the order of samples across shards")
     _storage_args(p)
@@ -260,7 +262,7 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
         views = FRONTAL_VIEWS if args.mimic else ()
     else:
         views = tuple(v.strip() for v in args.views.split(",") if v.strip())
-    filters = Filters(views=views, min_words=args.min_words, unsectioned=args.unsectioned)
+    filters = Filters(views=views, min_words=args.min_words, unsectioned=args.unsectioned, entities=args.entities)
     if args.resize is not None and args.resize < 1:
         raise ConfigError("--resize must be a positive number of pixels")
     t0 = time.perf_counter()

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 import fsspec
 
+from trainer.data.entities import extract_entities
 from trainer.data.reports import Sections, count_words, extract_sections
 from trainer.data.storage import open_with_retry, redact_url, url_to_fs
 
@@ -52,28 +53,34 @@ class Record:
     study_id: str = ""
     labels: dict[str, float] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
+    entities: tuple[dict[str, Any], ...] | None = None  # (severity, location, category) triplets; None: not extracted
 
     def sample_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"findings": self.findings, "impression": self.impression, "labels": self.labels,
                                "view": self.view, "study_id": self.study_id, "split": self.split}
+        if self.entities is not None:
+            out["entities"] = list(self.entities)
         out.update({k: v for k, v in self.extra.items() if k not in out})
         return out
 
 
 @dataclass(frozen=True)
 class Filters:
-    """What a build keeps. ``views`` empty keeps every view; ``unsectioned`` says what to do with a
-    report in which neither section is found: ``skip`` it (MIMIC's reports all have headers, so
-    one without is broken or an addendum), or use the whole text as ``findings`` (caption-style
-    corpora)."""
+    """What a build keeps, and what it adds. ``views`` empty keeps every view; ``unsectioned`` says
+    what to do with a report in which neither section is found: ``skip`` it (MIMIC's reports all
+    have headers, so one without is broken or an addendum), or use the whole text as ``findings``
+    (caption-style corpora); ``entities`` picks the extractor of MedFILIP's fine-grained entities."""
 
     views: tuple[str, ...] = FRONTAL_VIEWS
     min_words: int = 3
     unsectioned: str = "skip"
+    entities: str = "rules"  # "rules": trainer.data.entities' offline extractor; "none": no entities
 
     def __post_init__(self) -> None:
         if self.unsectioned not in ("skip", "findings"):
             raise ValueError(f"unsectioned must be 'skip' or 'findings', got {self.unsectioned!r}")
+        if self.entities not in ("rules", "none"):
+            raise ValueError(f"entities must be 'rules' or 'none', got {self.entities!r}")
         if self.min_words < 0:
             raise ValueError(f"min_words must be >= 0, got {self.min_words}")
 
@@ -134,6 +141,12 @@ def _sections(text: str, filters: Filters) -> tuple[Sections | None, str]:
     if count_words(sections.findings + " " + sections.impression) < filters.min_words:
         return None, "too_short"
     return sections, ""
+
+
+def _entities(sections: Sections, filters: Filters) -> tuple[dict[str, Any], ...] | None:
+    if filters.entities == "none":
+        return None
+    return tuple(e.to_dict() for e in extract_entities(sections.findings + "\n" + sections.impression))
 
 
 def _labels(row: dict[str, str], names: Iterable[str]) -> dict[str, float]:
@@ -211,6 +224,7 @@ def mimic_records(
             study_id=study,
             labels=chexpert.get(study, {}),
             extra={"subject_id": s, "dicom_id": dicom},
+            entities=_entities(sections, filters),
         ))
     return records
 
@@ -287,6 +301,7 @@ def csv_records(
             study_id=(row.get("study_id") or "").strip(),
             labels=_labels(row, label_columns),
             extra={k: v for k, v in row.items() if k not in CSV_COLUMNS and k not in label_columns and k},
+            entities=_entities(sections, filters),
         ))
     keys = Counter(r.key for r in records)
     dupes = [k for k, c in keys.items() if c > 1]
