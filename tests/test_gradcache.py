@@ -1,5 +1,6 @@
 """GradCache under DeepSpeed ZeRO 0, 2 and 3 on 2 gloo workers: one gradient-cached step gives
-the gradients of one plain step over the same global batch."""
+the gradients of one plain step over the same global batch (with a frozen text tower, for the
+clip + cicl objective: soft targets over the global batch)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def _config(phantom_dir, run_root, stage, gradcache, dropout, freeze_text=False)
     raw["model"]["image"]["kwargs"].update(drop_rate=dropout, proj_drop_rate=dropout, attn_drop_rate=dropout)
     raw["model"]["text"]["config"].update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     raw["model"]["text"]["freeze"] = freeze_text
+    if freeze_text:  # IMITATE's setting: frozen text tower, clinical-informed soft targets over the global batch
+        raw["objectives"] = [{"name": "clip"}, {"name": "cicl", "weight": 0.5}]
     return build_config(raw)
 
 
@@ -75,7 +78,8 @@ def _chunked_plain_backward(w, batch):
 
     outs = [w.engine(*(t[part] for t in batch)) for part in chunk_slices(PER_RANK, CHUNK)]
     inputs = ObjectiveInputs(torch.cat([o.image for o in outs]), torch.cat([o.text for o in outs]),
-                             outs[0].logit_scale.float(), gather=gather_with_grad)
+                             outs[0].logit_scale.float(), gather=gather_with_grad,
+                             extras={"report_embedding": torch.cat([o.report_embedding for o in outs])})
     total, _ = weighted_objective(w, inputs)
     w.engine.backward(total)
     return float(total)

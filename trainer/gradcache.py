@@ -96,9 +96,9 @@ def gradcache_backward(
     image_features = torch.cat([c.image for c in cached]).detach().requires_grad_()
     text_features = torch.cat([c.text for c in cached]).detach().requires_grad_()
     logit_scale = cached[0].logit_scale.detach().float().requires_grad_()
-    extras = {}
+    extras = {"report_embedding": torch.cat([c.report_embedding for c in cached])}
     if image_aug is not None:
-        extras = {"image_aug": torch.cat([c.image_aug for c in cached]), "text_aug": torch.cat([c.text_aug for c in cached])}
+        extras.update(image_aug=torch.cat([c.image_aug for c in cached]), text_aug=torch.cat([c.text_aug for c in cached]))
     inputs = ObjectiveInputs(image_features, text_features, logit_scale, gather=gather_with_grad, extras=extras)
     total, terms = objective(inputs)
     # Leaves only: no parameter is reached, so no engine hook fires in this backward.

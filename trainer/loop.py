@@ -143,7 +143,9 @@ def plain_backward(w: Worker, batch: tuple[torch.Tensor, ...], image_aug: torch.
     """One forward over the whole per-rank batch and its backward; the caller steps."""
     out = w.engine(*batch, image_aug=image_aug)
     timer.mark("forward")
-    extras = {"image_aug": out.image_aug, "text_aug": out.text_aug} if image_aug is not None else {}
+    extras = {"report_embedding": out.report_embedding}
+    if image_aug is not None:
+        extras.update(image_aug=out.image_aug, text_aug=out.text_aug)
     # Features stay in the model dtype (bf16 on GPUs): the loss kernels accumulate in float32.
     inputs = ObjectiveInputs(out.image, out.text, out.logit_scale.float(), gather=gather_with_grad, extras=extras)
     total, terms = weighted_objective(w, inputs)

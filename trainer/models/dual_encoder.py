@@ -20,6 +20,7 @@ class Embeddings(NamedTuple):
     text_pooled: torch.Tensor | None = None  # frozen text tower's output, reusable (GradCache)
     image_aug: torch.Tensor | None = None  # divergence image encoder on the augmented view (no grad)
     text_aug: torch.Tensor | None = None  # divergence text encoder on the same report (no grad)
+    report_embedding: torch.Tensor | None = None  # the text tower's pooled output, detached (IMITATE's R)
 
 
 class DualEncoder(nn.Module):
@@ -115,7 +116,8 @@ class DualEncoder(nn.Module):
             if not self.has_divergence:
                 raise ValueError("image_aug given but the model has no divergence encoders")
             image_div, text_div = self.encode_divergence(image_aug, input_ids, attention_mask)
-        return Embeddings(image, text, scale, text_pooled if self.freeze_text else None, image_div, text_div)
+        return Embeddings(image, text, scale, text_pooled if self.freeze_text else None, image_div, text_div,
+                          text_pooled.detach())
 
 
 def build_model(model_cfg, in_chans: int, vocab_size: int) -> DualEncoder:  # noqa: ANN001 - ModelSection

@@ -15,6 +15,7 @@ from trainer.objectives.base import (
 )
 
 # Importing a term module registers it.
+from trainer.objectives import cicl as _cicl  # noqa: E402,F401
 from trainer.objectives import clip as _clip  # noqa: E402,F401
 from trainer.objectives import divergence as _divergence  # noqa: E402,F401
 

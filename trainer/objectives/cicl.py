@@ -1,0 +1,63 @@
+"""``cicl``: IMITATE's clinical-informed contrastive loss (Liu et al., §III-D, Eq. 3–5).
+
+Soft targets instead of the identity: the targets of image i are the smoothed correlations
+between report i and every report of the global batch,
+
+    R_ij = Pearson correlation of the report embeddings e_i, e_j                   (Eq. 3)
+    W_ij = 1 if i = j, else 1 − exp(−λ R_ij)                                      (Eq. 4)
+
+and the loss is the contrastive cross-entropy against them (Eq. 5), computed by the fused
+InfoNCE kernel from the O(B) embeddings — no B×B tensor at any batch size.
+
+Choices where the paper is open (configurable where it matters):
+
+* Which embedding defines R (``embedding``): ``report`` (default) is the text tower's pooled
+  output — the frozen tower's, when ``model.text.freeze`` as in IMITATE (the authors' code uses
+  the frozen encoder's [CLS] output); ``text_features`` is the projected, normalised text feature.
+  Either way it carries no gradient.
+* How W becomes targets: the kernel's convention — image→text rows normalised to sum to 1,
+  text→image columns normalised again — and the two directions averaged, as CLIP's loss does.
+* Negative correlations stay negative (the paper keeps them: "does not convert negative values
+  to positive ones"); a row of weights summing to ≤ 0 is refused with an error naming it. The
+  authors' code instead clamps R at 0, zeroes the diagonal and adds the prior, scaled by the
+  temperature, to the one-hot target; and it computes R over each GPU's batch, where hilum uses
+  the global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from kernels import ReportCorrelationTargets, infonce_loss, infonce_loss_distributed
+from trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
+
+
+class CiclConfig(TermConfig):
+    name: Literal["cicl"]
+    lam: float = Field(0.2, gt=0.0, description="λ of the smoothing kernel, Eq. 4")
+    embedding: Literal["report", "text_features"] = Field(
+        "report", description="the report embedding that defines R: the text tower's pooled output, or the projected feature"
+    )
+    gather: bool = Field(True, description="use every rank's samples (and reports) as the batch")
+    impl: Literal["auto", "triton", "torch"] = Field("auto", description="loss implementation, as for `clip`")
+
+
+@register_objective("cicl", CiclConfig)
+class CiclObjective(Objective):
+    config: CiclConfig
+
+    def forward(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        if self.config.embedding == "report":
+            embedding = inputs.extras.get("report_embedding")
+            if embedding is None:
+                raise ValueError("the cicl term needs the text tower's pooled output (extras['report_embedding'])")
+        else:
+            embedding = inputs.text_features
+        targets = ReportCorrelationTargets(embedding.detach(), lam=self.config.lam)
+        if self.config.gather:
+            return infonce_loss_distributed(inputs.image_features, inputs.text_features, inputs.logit_scale, targets,
+                                            grad_reduction="data_parallel", impl=self.config.impl)
+        return infonce_loss(inputs.image_features, inputs.text_features, inputs.logit_scale, targets, impl=self.config.impl)
