@@ -203,6 +203,7 @@ def mimic_records(
     log.info("reading %d reports for %d images", len(studies), len(kept))
     texts = dict(zip(studies, _read_texts(studies, storage_options)))
     sections_of = {url: _sections(text, filters) for url, text in texts.items() if text is not None}
+    entities_of = {url: _entities(sec, filters) for url, (sec, _) in sections_of.items() if sec is not None}  # once per study
     records = []
     for row in kept:
         url = report_url(row)
@@ -224,7 +225,7 @@ def mimic_records(
             study_id=study,
             labels=chexpert.get(study, {}),
             extra={"subject_id": s, "dicom_id": dicom},
-            entities=_entities(sections, filters),
+            entities=entities_of[url],
         ))
     return records
 
