@@ -26,6 +26,7 @@ REQUIRED = {
     "hilum_logit_scale", "hilum_samples_total", "hilum_checkpoint_seconds", "hilum_checkpoint_bytes",
 }
 PHASES = {"data", "forward", "loss", "backward", "optimizer"}
+STEPS = 200  # tens of seconds on 2 CPU cores: many scrape intervals of 1 s
 
 
 @pytest.fixture
@@ -34,6 +35,7 @@ def prometheus(tmp_path):
     if exe is None:
         pytest.fail("the prometheus server is not installed: apt-get install prometheus (.ci/run does it)")
     runs = tmp_path / "runs"
+    (runs / "metrics_targets").mkdir(parents=True)  # present at start, so file_sd watches it at once
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is YAML
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -69,21 +71,23 @@ def query(url: str, promql: str) -> list[dict]:
 
 def test_prometheus_scrapes_a_two_worker_run(prometheus, phantom_dir):
     url, runs = prometheus
-    raw = tiny_config(phantom_dir, runs, train={"max_steps": 60, "log_every": 10, "checkpoint_every": 30},
+    raw = tiny_config(phantom_dir, runs, train={"max_steps": STEPS, "log_every": 20, "checkpoint_every": 100},
                       cluster={"launcher": "local"}, eval={"at_end": False})
     cfg = write_config(runs.parent / "c.yaml", raw)
-    proc = subprocess.run([*HILUM, "train", "--config", str(cfg)], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = runs.parent / "train.log"  # a file, not a pipe: nobody reads a pipe while we poll
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*HILUM, "train", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    # Prometheus discovers both ranks through file_sd and scrapes them while the run lives.
+    rate: list[dict] = []
+    while proc.poll() is None and len(rate) < 2:
+        time.sleep(1)
+        rate = query(url, 'max_over_time(hilum_samples_per_second{run="t"}[10m])')
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     run_dir = runs / "t"
     assert not list((runs / "metrics_targets").glob("*.json"))  # the ended run withdrew its targets
 
-    # What Prometheus scraped while the run lived (the endpoints are gone now; the samples stay).
-    rate = []
-    for _ in range(20):
-        rate = query(url, 'max_over_time(hilum_samples_per_second{run="t"}[10m])')
-        if len(rate) == 2:
-            break
-        time.sleep(1)
+    # What Prometheus scraped (the endpoints are gone now; the samples stay).
+    rate = query(url, 'max_over_time(hilum_samples_per_second{run="t"}[10m])')
     assert sorted(r["metric"]["rank"] for r in rate) == ["0", "1"], rate
     assert all(float(r["value"][1]) > 0 for r in rate)
     job = query(url, 'sum(max_over_time(hilum_samples_per_second{run="t"}[10m]))')
@@ -98,11 +102,11 @@ def test_prometheus_scrapes_a_two_worker_run(prometheus, phantom_dir):
         assert REQUIRED <= set(values), REQUIRED - set(values)
         assert {f"hilum_phase_seconds[{p}]" for p in PHASES} <= set(values)
         assert "hilum_loss[clip]" in values and "hilum_device_memory_bytes[rss]" in values and node
-        assert values["hilum_step"] == 60 and values["hilum_flops_per_sample"] > 0
+        assert values["hilum_step"] == STEPS and values["hilum_flops_per_sample"] > 0
         assert f'rank="{rank}"' in text and 'run="t"' in text
 
     # The terminal view of the finished run.
     status = subprocess.run([*HILUM, "status", str(run_dir)], capture_output=True, text=True, timeout=120, cwd=ROOT,
                             env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert status.returncode == 0, status.stderr[-2000:]
-    assert "finished or stopped" in status.stdout and "step 60" in status.stdout and "0 (ended)" in status.stdout
+    assert "finished or stopped" in status.stdout and f"step {STEPS}" in status.stdout and "0 (ended)" in status.stdout
