@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch 2.14.1 / torchvision 0.29.1 are pinned in pyproject.toml.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv data clean sysdeps
+.PHONY: demo test venv data clean sysdeps sysdeps-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,11 @@ data: data/phantom/train.json
 demo: $(STAMP) sysdeps data/phantom/train.json
 	$(BIN)/hilum train --config configs/tiny-clip.yaml --set run.name=tiny-clip-$$(date +%Y%m%d-%H%M%S)
 
-# System packages from Debian: g++ (DeepSpeed JIT-builds its CPU communication op) and the
-# Prometheus server (the monitoring end-to-end test scrapes a real run). Installed when missing.
-sysdeps:
-	@missing=""; \
-	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
-	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+# System packages from Debian, installed when missing (as root, with apt-get): g++ for both
+# commands (DeepSpeed JIT-builds its CPU communication op), and the Prometheus server for the
+# tests (the monitoring end-to-end test scrapes a real run). Command and package names agree.
+define need_packages
+	@missing=""; for pkg in $(1); do command -v $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (apt-get)"; \
@@ -38,8 +37,15 @@ sysdeps:
 	    echo "missing system packages:$$missing (Debian/Ubuntu: sudo apt-get install$$missing)"; exit 1; \
 	  fi; \
 	fi
+endef
 
-test: $(STAMP) sysdeps
+sysdeps:
+	$(call need_packages,g++)
+
+sysdeps-test:
+	$(call need_packages,g++ prometheus)
+
+test: $(STAMP) sysdeps-test
 	$(BIN)/python -m pytest -q tests
 
 clean:
