@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gradcache import record  # noqa: E402
+
 
 def machine() -> str:
     import torch
@@ -112,7 +114,7 @@ def main() -> None:
     p.add_argument("--sources", default="local,s3")
     p.add_argument("--s3-endpoint", help="use this S3 endpoint (credentials: AWS_* environment) instead of a moto server")
     p.add_argument("--cache", default="/tmp/hilum-bench-data", help="where the generated data set is kept between runs")
-    p.add_argument("--out", help="append JSON lines here")
+    p.add_argument("--out", type=Path, help="append JSON lines here")
     args = p.parse_args()
 
     import contextlib
@@ -123,8 +125,7 @@ def main() -> None:
     cache = Path(args.cache) / f"n{args.samples}-s{args.size}"
     shards, tok, info = prepare(cache, args.samples, args.size)
     stamp = {"date": datetime.date.today().isoformat(), "machine": machine(), "torch": torch.__version__}
-    rows = [{"bench": "shards_build", **stamp, **info}]
-    print(json.dumps(rows[0]))
+    record({"bench": "shards_build", **stamp, **info}, args.out)
 
     sources = args.sources.split(",")
     with contextlib.ExitStack() as stack:
@@ -147,13 +148,8 @@ def main() -> None:
         for src, workers, gpu in plans:
             url, storage = urls[src]
             r = stream_rate(url, storage, tok, workers, args.batch, args.image_size, gpu, args.batches)
-            row = {"bench": "stream", **stamp, "source": src, "decode": "gpu" if gpu else "cpu", "workers": workers,
-                   "batch": args.batch, "image_size": args.image_size, "stored_size": args.size, **r}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+            record({"bench": "stream", **stamp, "source": src, "decode": "gpu" if gpu else "cpu", "workers": workers,
+                    "batch": args.batch, "image_size": args.image_size, "stored_size": args.size, **r}, args.out)
 
 
 if __name__ == "__main__":

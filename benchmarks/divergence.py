@@ -15,7 +15,6 @@ CUDA's peak allocated memory above the state before it, or on CPU the peak resid
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gradcache import RESNET50_BERT, rss_bytes  # noqa: E402
+from benchmarks.gradcache import RESNET50_BERT, overlay, record, rss_bytes  # noqa: E402
 
 SMALL = {  # about 25 M parameters per encoder pair: big enough for the gather to show
     "model": {
@@ -61,12 +60,7 @@ def _config(args: argparse.Namespace):  # noqa: ANN202 - HilumConfig
     from launch.config import build_config, parse_yaml
 
     raw = parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text())
-    for section, values in (RESNET50_BERT if args.model == "resnet50-bert" else SMALL).items():
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(raw[section].get(key), dict):
-                raw[section][key] = {**raw[section][key], **value}
-            else:
-                raw[section][key] = value
+    overlay(raw, RESNET50_BERT if args.model == "resnet50-bert" else SMALL)
     raw["model"]["text"]["tokenizer"] = str(Path(args.data) / "tokenizer")
     raw["objectives"] = [{"name": "clip"}, {"name": "divergence", "weight": 0.5}]
     raw["train"]["zero_stage"] = 3
@@ -149,11 +143,7 @@ def main() -> None:
         args.variant = variant
         queue = mp.get_context("spawn").SimpleQueue()
         mp.start_processes(_rank, args=(args, free_port(), queue), nprocs=args.ranks, start_method="spawn")
-        result = queue.get()
-        print(json.dumps(result), flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(result) + "\n")
+        record(queue.get(), args.out)
 
 
 if __name__ == "__main__":

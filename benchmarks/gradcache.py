@@ -36,6 +36,26 @@ RESNET50_BERT = {
 }
 
 
+def overlay(raw: dict, preset: dict) -> dict:
+    """``raw`` (a parsed config) with a model preset's sections merged in, one level deep."""
+    for section, values in preset.items():
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(raw[section].get(key), dict):
+                raw[section][key] = {**raw[section][key], **value}
+            else:
+                raw[section][key] = value
+    return raw
+
+
+def record(result: dict, out: Path | None) -> None:
+    """Print one result as a JSON line and append it to ``out``."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out:
+        with Path(out).open("a") as f:
+            f.write(line + "\n")
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -54,12 +74,7 @@ def measure(args: argparse.Namespace) -> dict:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     raw = parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text())
     if args.model == "resnet50-bert":
-        for section, values in RESNET50_BERT.items():
-            for key, value in values.items():
-                if isinstance(value, dict) and isinstance(raw[section].get(key), dict):
-                    raw[section][key] = {**raw[section][key], **value}
-                else:
-                    raw[section][key] = value
+        overlay(raw, RESNET50_BERT)
     raw["model"]["text"]["tokenizer"] = str(Path(args.data) / "tokenizer")
     raw["data"]["batch_size"] = args.batch
     raw["gradcache"] = {"enabled": args.gradcache, "chunk_size": min(args.chunk, args.batch)}
@@ -131,10 +146,7 @@ def main() -> None:
         else:
             tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
             result = {"what": "gradcache", "batch": batch, "gradcache": gradcache, "error": tail[0][:300]}
-        print(json.dumps(result), flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(result) + "\n")
+        record(result, args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gradcache import record  # noqa: E402
 
 
 def run(enabled: bool, args: argparse.Namespace, out: Path, index: int) -> float:
@@ -47,7 +50,6 @@ def per_step_cost_us(repeats: int = 2000) -> float:
 
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from monitoring import WorkerMetrics
     from trainer.loop import device_memory
     from trainer.timing import PhaseTimer
@@ -75,7 +77,6 @@ def main() -> None:
     if not (Path(args.data) / "train.json").exists():
         from trainer.data.phantom_dataset import build_phantom_dataset
 
-        sys.path.insert(0, str(ROOT))
         build_phantom_dataset(args.data, n_train=2048, n_test=384)
     on, off = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,10 +91,7 @@ def main() -> None:
         "overhead_percent": 100 * (1 - statistics.mean(on) / statistics.mean(off)),
         "per_step_cost_us": per_step_cost_us(),
     }
-    print(json.dumps(result))
-    if args.out:
-        with args.out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+    record(result, args.out)
 
 
 if __name__ == "__main__":

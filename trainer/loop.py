@@ -285,7 +285,7 @@ class Progress:
         self.window_step_seconds += step_seconds
         self.epoch_skipped.update(batch["_skipped"])
         losses = {k: values[k] for k in ["loss", *(t.name for t in cfg.objectives)]}
-        similarity = {k[2:]: v for k, v in values.items() if k.startswith("s_")}  # divergence encoders' s per tower
+        similarity = w.divergence.last if w.divergence is not None else {}  # s per tower of this step's update
         if w.metrics:
             w.metrics.observe_step(state.step, samples, step_seconds, data_seconds, losses, values["logit_scale"],
                                    batch["_skipped"], similarity, phases=phases, tokens=int(batch["attention_mask"].sum()),

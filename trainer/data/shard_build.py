@@ -98,8 +98,9 @@ def encode_image(data: bytes, ext: str, options: ImageOptions) -> tuple[bytes, s
         return buf.getvalue(), "jpg"
 
 
-def _record_url(task: ShardTask) -> str:
-    return posixpath.join(task.out, BUILD_DIR, f"{task.name}.json")
+def _record_path(root: str, task: ShardTask) -> str:
+    """Where a task's completion record lives, in the filesystem's own path form."""
+    return posixpath.join(root, BUILD_DIR, f"{task.name}.json")
 
 
 def build_shard(task: ShardTask) -> ShardResult:
@@ -134,16 +135,15 @@ def build_shard(task: ShardTask) -> ShardResult:
         fs.rm(tar_path)
         size = 0
     result = ShardResult(task.name, count, dict(skipped), size)
-    with fs.open(posixpath.join(root, BUILD_DIR, f"{task.name}.json"), "w") as f:
+    with fs.open(_record_path(root, task), "w") as f:
         json.dump({**asdict(result), "fingerprint": task.fingerprint}, f)
     return result
 
 
-def _finished(task: ShardTask, fs: fsspec.AbstractFileSystem) -> ShardResult | None:
+def _finished(task: ShardTask, fs: fsspec.AbstractFileSystem, root: str) -> ShardResult | None:
     """The result of an earlier build of exactly this task, if its completion record says so."""
-    path = url_to_fs(_record_url(task), task.storage_options)[1]
     try:
-        with fs.open(path, "r") as f:
+        with fs.open(_record_path(root, task), "r") as f:
             done = json.load(f)
     except (FileNotFoundError, ValueError):
         return None
@@ -196,7 +196,7 @@ def build(
     results: dict[str, ShardResult] = {}
     todo = []
     for task in (t for ts in tasks.values() for t in ts):
-        done = _finished(task, fs)
+        done = _finished(task, fs, root)
         if done is not None:
             results[task.name] = done
         else:
