@@ -71,7 +71,7 @@ def prepare(cache: Path, samples: int, size: int) -> tuple[Path, Path, dict]:
 
 
 def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int, batch: int, image_size: int,
-                gpu: bool, batches: int) -> dict:
+                gpu: bool, batches: int, decode_device: str = "cuda") -> dict:
     """Steady-state rate: the stream runs across epochs; timing starts once every loader worker
     has delivered its first batch (spawned workers import torch first: seconds each)."""
     import torch
@@ -83,7 +83,8 @@ def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int,
 
     manifest = load_manifest(manifest_url, storage)
     pre = Preprocess(image_size, 1, "report", True, 0.8, 0.1, 0.1, defer_jpeg=gpu)
-    decode = DeviceDecoder(pre.augment_spec, 1, torch.device("cuda")) if gpu else None
+    device = torch.device(decode_device)
+    decode = DeviceDecoder(pre.augment_spec, 1, device) if gpu else None
     spec = StreamSpec(batch, 1, workers, seed=0, shuffle=True, shuffle_buffer=256)
     stream = ShardStream(manifest, spec, pre, Tokenize(str(tokenizer), 128), storage_options=storage, epochs=None)
     warm = max(1, workers)
@@ -93,7 +94,8 @@ def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int,
         b = next(it)
         if decode is not None:
             b = decode(b)
-            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
         if i == warm - 1:
             start = time.perf_counter()
     end = time.perf_counter()
@@ -114,6 +116,8 @@ def main() -> None:
     p.add_argument("--sources", default="local,s3")
     p.add_argument("--s3-endpoint", help="use this S3 endpoint (credentials: AWS_* environment) instead of a moto server")
     p.add_argument("--cache", default="/tmp/hilum-bench-data", help="where the generated data set is kept between runs")
+    p.add_argument("--decode-device", default="cuda",
+                   help="device of the --gpu-workers runs: cuda, or cpu to try the batched device path without a GPU")
     p.add_argument("--out", type=Path, help="append JSON lines here")
     args = p.parse_args()
 
@@ -143,12 +147,17 @@ def main() -> None:
             fs.put(str(shards) + "/", f"{bucket}/shards/", recursive=True)
             urls["s3"] = (f"s3://{bucket}/shards/train.json", storage)
         plans = [(src, w, False) for src in sources for w in map(int, args.workers.split(","))]
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() or args.decode_device != "cuda":
             plans += [(src, w, True) for src in sources for w in map(int, args.gpu_workers.split(","))]
         for src, workers, gpu in plans:
             url, storage = urls[src]
-            r = stream_rate(url, storage, tok, workers, args.batch, args.image_size, gpu, args.batches)
-            record({"bench": "stream", **stamp, "source": src, "decode": "gpu" if gpu else "cpu", "workers": workers,
+            try:
+                r = stream_rate(url, storage, tok, workers, args.batch, args.image_size, gpu, args.batches,
+                                args.decode_device)
+            except Exception as err:  # one failing configuration must not cost the others' figures
+                r = {"error": f"{type(err).__name__}: {err}"[:300]}
+            decode = f"device:{args.decode_device}" if gpu and args.decode_device != "cuda" else "gpu" if gpu else "cpu"
+            record({"bench": "stream", **stamp, "source": src, "decode": decode, "workers": workers,
                     "batch": args.batch, "image_size": args.image_size, "stored_size": args.size, **r}, args.out)
 
 

@@ -109,15 +109,19 @@ def _target_weights(gi, gj, mi, mj, T0, T1, T2, st0, lam, n_vocab, K, L,
     TMODE 0: identity. 1: dense matrix T0 (row stride st0). 2: IMITATE correlation from unit
     centred embeddings T0 (B, K=E): 1 − exp(−lam · u_i·u_j), 1 on the diagonal. 3: MedFILIP label
     similarity: max over label pairs of the (V, V) table T0, labels T1 (N, K) and T2 (M, L).
+    4: IMITATE's code form of mode 2: lam · max(u_i·u_j, 0), 1 on the diagonal.
     """
     valid = mi[:, None] & mj[None, :]
     if TMODE == 0:
         w = (gi[:, None] == gj[None, :]).to(tl.float32)
     elif TMODE == 1:
         w = tl.load(T0 + gi[:, None].to(tl.int64) * st0 + gj[None, :], mask=valid, other=0.0)
-    elif TMODE == 2:
+    elif TMODE == 2 or TMODE == 4:
         r = _tile_dot(T0, T0, gi, gj, mi, mj, K, st0, st0, BM, BN, BK, PREC)
-        w = 1.0 - tl.exp(-lam * r)
+        if TMODE == 2:
+            w = 1.0 - tl.exp(-lam * r)
+        else:
+            w = lam * tl.maximum(r, 0.0)
         w = tl.where(gi[:, None] == gj[None, :], 1.0, w)
     else:
         w = tl.full((BM, BN), float("-inf"), tl.float32)
@@ -366,7 +370,7 @@ def _targets(block: Block, dummy: torch.Tensor) -> tuple[int, torch.Tensor, torc
     tensors = tuple(t.to(block.x.device) for t in tensors)
     if mode == 1:  # dense
         return mode, tensors[0], dummy, dummy, tensors[0].stride(0), 0.0, 0, 0, 0
-    if mode == 2:  # correlation: K is the embedding width
+    if mode in (2, 4):  # correlation: K is the embedding width
         u = tensors[0]
         return mode, u, dummy, dummy, u.stride(0), float(scalar), 0, u.shape[1], 0
     sim, a, b = tensors  # labels

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 # Kernel modes; the Triton kernel switches on these constants.
-HARD, DENSE, CORRELATION, LABELS = 0, 1, 2, 3
+HARD, DENSE, CORRELATION, LABELS, CORRELATION_PRIOR = 0, 1, 2, 3, 4
 
 
 def _gather_rows(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -101,17 +101,27 @@ class ReportCorrelationTargets(SoftTargets):
     ``W = 1 − exp(−λ R)`` off the diagonal and 1 on it. Negative correlations give negative
     weights, as in the paper (the exponential kernel "does not convert negative values to
     positive ones"); a row whose weights sum to ≤ 0 is refused by the loss.
+
+    ``form="code"`` gives the authors' public code instead: ``W = lam · max(R, 0)`` off the
+    diagonal (the one-hot target plus a non-negative prior scaled by ``lam``, which the code sets
+    to the temperature), 1 on it.
     """
 
     embeddings: torch.Tensor  # (B, E) report embeddings, one per sample; no gradient needed
     lam: float = 0.2
-    mode = CORRELATION
+    form: str = "paper"
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2:
             raise ValueError(f"report embeddings must be (B, E), got {tuple(self.embeddings.shape)}")
         if not self.lam > 0:
             raise ValueError(f"lam must be > 0, got {self.lam}")
+        if self.form not in ("paper", "code"):
+            raise ValueError(f"form must be 'paper' or 'code', got {self.form!r}")
+
+    @property
+    def mode(self) -> int:  # type: ignore[override]
+        return CORRELATION if self.form == "paper" else CORRELATION_PRIOR
 
     @property
     def num_rows(self) -> int:  # type: ignore[override]
@@ -136,17 +146,17 @@ class ReportCorrelationTargets(SoftTargets):
     def weights(self, rows: slice, cols: slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         u = self.unit_centered(torch.promote_types(dtype, torch.float32))
         r = u[rows] @ u[cols].T
-        w = 1.0 - torch.exp(-self.lam * r)
+        w = 1.0 - torch.exp(-self.lam * r) if self.form == "paper" else self.lam * r.clamp_min(0.0)
         gi = torch.arange(rows.start, rows.stop, device=w.device)[:, None]
         gj = torch.arange(cols.start, cols.stop, device=w.device)[None, :]
         return torch.where(gi == gj, torch.ones_like(w), w).to(dtype)
 
     def triton_args(self) -> tuple[int, tuple[torch.Tensor, ...], float]:
         dtype = torch.float32 if self.embeddings.dtype == torch.float64 else self.embeddings.dtype
-        return CORRELATION, (self.unit_centered(dtype).contiguous(),), self.lam
+        return self.mode, (self.unit_centered(dtype).contiguous(),), self.lam
 
     def gather(self, group: dist.ProcessGroup | None = None) -> "ReportCorrelationTargets":
-        return ReportCorrelationTargets(_gather_rows(self.embeddings.detach(), group), self.lam)
+        return ReportCorrelationTargets(_gather_rows(self.embeddings.detach(), group), self.lam, self.form)
 
 
 @dataclass(frozen=True, eq=False)

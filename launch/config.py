@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainer.objectives import objective_class as _objective_class
 from trainer.objectives import objective_config_types
 
 
@@ -79,11 +80,30 @@ class DataSection(_Section):
         return options
 
 
+class MultiLevelSection(_Section):
+    """IMITATE's hierarchical aggregation block (built when an objective needs z_v,m)."""
+
+    levels: int = Field(4, ge=1, description="stages of a CNN tower (the last ones), or blocks spread over a ViT")
+    grid: int = Field(16, ge=1, le=64, description="each level is average-pooled to grid x grid; a channel is a token of grid² values")
+    dim: int = Field(256, ge=8, description="width of the aggregating self-attention")
+    heads: int = Field(8, ge=1)
+    depth: int = Field(1, ge=1, le=12, description="self-attention layers")
+    drop_shallowest: float = Field(0.85, ge=0.0, lt=1.0, description="share of the shallowest level's channels dropped in training")
+    drop_others: float = Field(0.9, ge=0.0, lt=1.0, description="share of every other level's channels dropped in training")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "MultiLevelSection":
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
+        return self
+
+
 class ImageTowerSection(_Section):
     model: str = "vit_tiny_patch16_224"
     # Passed to timm.create_model, e.g. {img_size: 64, patch_size: 8, depth: 4}.
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = Field(None, description="local file with the tower's weights (.pth or .safetensors)")
+    multi_level: MultiLevelSection = Field(default_factory=MultiLevelSection)
 
 
 class TextTowerSection(_Section):
@@ -196,6 +216,10 @@ class HilumConfig(_Section):
             raise ValueError(f"objective names must be unique, got {names}")
         if sum(term.weight for term in self.objectives) <= 0:
             raise ValueError("at least one objective needs a weight > 0")
+        sections = [term.name for term in self.objectives if _objective_class(term.name).findings]
+        if sections and self.data.text != "impression":
+            raise ValueError(f"objective {sections[0]!r} aligns images with the IMPRESSION and the FINDINGS separately: "
+                             f"set data.text to 'impression' (it is {self.data.text!r}); the findings are read as well")
         if self.data.decode == "gpu" and self.cluster.device == "cpu":
             raise ValueError("data.decode is 'gpu' but cluster.device is 'cpu'; use 'auto' or 'cpu'")
         if self.gradcache.enabled and self.gradcache.chunk_size > self.data.batch_size:

@@ -60,3 +60,30 @@ def test_cicl_with_identical_reports_everywhere_is_not_clip():
     assert cicl != pytest.approx(float(infonce_loss(v, t, s, impl="torch")), rel=1e-3)
     with pytest.raises(ValueError, match="report_embedding"):
         term(ObjectiveInputs(v, t, s))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_cicl_code_form_is_the_authors_prior(impl):
+    """form: code — the one-hot target plus prior_scale · max(R, 0) off the diagonal (the authors'
+    code), through both loss implementations, against a float64 transcription."""
+    g = torch.Generator().manual_seed(8)
+    b = 10
+    v, t = (F.normalize(torch.randn(b, 8, generator=g, dtype=torch.float64), dim=1) for _ in range(2))
+    report = torch.randn(b, 24, generator=g, dtype=torch.float64) + torch.randn(1, 24, generator=g, dtype=torch.float64)
+    log_scale = torch.tensor(2.0, dtype=torch.float64)
+    prior = torch.corrcoef(report).clamp_min(0).fill_diagonal_(0)
+    w = torch.eye(b, dtype=torch.float64) + 0.07 * prior
+    rows = w / w.sum(1, keepdim=True)
+    cols = (rows / rows.sum(0, keepdim=True)).T
+    want_v = v.clone().requires_grad_()
+    logits = log_scale.exp() * want_v @ t.T
+    want = (-(rows * F.log_softmax(logits, 1)).sum(1).mean() - (cols * F.log_softmax(logits.T, 1)).sum(1).mean()) / 2
+    want.backward()
+    dtype = torch.float64 if impl == "torch" else torch.float32
+    term = CiclObjective(CiclConfig(name="cicl", gather=False, impl=impl, form="code", prior_scale=0.07))
+    got_v = v.to(dtype).clone().requires_grad_()
+    got = term(ObjectiveInputs(got_v, t.to(dtype), log_scale.to(dtype), extras={"report_embedding": report.to(dtype)}))
+    got.backward()
+    tol = dict(rtol=1e-9, atol=1e-12) if impl == "torch" else dict(rtol=1e-4, atol=1e-6)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=tol["rtol"])
+    torch.testing.assert_close(got_v.grad.double(), want_v.grad, **tol)

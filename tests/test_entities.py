@@ -57,7 +57,8 @@ def test_the_phantom_reports_findings_are_recovered_exactly():
 
 def test_knowledge_dictionary_explains_every_category():
     knowledge = load_knowledge()
-    assert set(knowledge) == set(CATEGORIES) and all(len(v.split()) >= 8 for v in knowledge.values())
+    # every category, and "no finding" (MedFILIP's label for an image without one)
+    assert set(knowledge) == set(CATEGORIES) | {"no finding"} and all(len(v.split()) >= 8 for v in knowledge.values())
     entity = extract_entities("Small left pleural effusion.")[0]
     assert structured_label(entity, knowledge) == (
         f"small left pleural effusion, where pleural effusion is {knowledge['pleural effusion']}")

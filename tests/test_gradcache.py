@@ -149,3 +149,36 @@ def test_gradcache_equals_plain_step_under_zero_0_2_3(phantom_dir, tmp_path):
                 assert r["err_without_replay"] > 1e-3, label  # the test can tell a wrong replay
                 assert r["plain_err"] <= 1e-5, label
                 assert r["gc_loss"] == pytest.approx(r["plain_loss"], rel=1e-6), label
+
+
+def _bn_rank(rank, port, phantom_dir, run_root, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      LOCAL_WORLD_SIZE="1")
+    from launch.config import build_config
+    from trainer.loop import build_worker, train_step
+
+    results = {}
+    for gradcache in (False, True):
+        raw = tiny_config(phantom_dir, run_root, train={"zero_stage": 2, "precision": "bf16"}, monitoring={"enabled": False},
+                          gradcache={"enabled": gradcache, "chunk_size": CHUNK})
+        raw["model"]["image"] = {"model": "resnet10t", "kwargs": {}}
+        w = build_worker(build_config(raw))
+        image, ids, mask = _batch(0, len(w.tokenize.tokenizer))
+        bn = next(m for m in w.engine.module.image_tower.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        before = bn.running_mean.detach().float().clone()
+        values = train_step(w, {"image": image, "input_ids": ids, "attention_mask": mask})
+        results[gradcache] = dict(loss=values["loss"], weight=str(bn.weight.dtype), stats=str(bn.running_mean.dtype),
+                                  moved=float((bn.running_mean.float() - before).abs().max()))
+    queue.put(results)
+
+
+def test_batchnorm_tower_trains_in_bf16_plain_and_gradcache(phantom_dir, tmp_path):
+    """DeepSpeed casts parameters, not buffers, to bf16; a ResNet's batch norms must still run."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_bn_rank, args=(free_port(), phantom_dir, tmp_path, queue), nprocs=1, start_method="spawn")
+    results = queue.get()
+    for gradcache, r in results.items():
+        assert r["weight"] == r["stats"] == "torch.bfloat16", (gradcache, r)
+        assert torch.isfinite(torch.tensor(r["loss"])), (gradcache, r)
+        assert r["moved"] > 0, (gradcache, r)  # running statistics update in training mode

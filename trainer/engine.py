@@ -95,4 +95,25 @@ def build_engine(model: nn.Module, cfg: "HilumConfig", world_size: int, device: 
         model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=deepspeed_config(cfg, world_size, dtype),
     )
+    match_norm_buffers(engine.module, dtype)
     return engine
+
+
+def match_norm_buffers(module: nn.Module, dtype: torch.dtype) -> None:
+    """Batch-norm running statistics in the training dtype.
+
+    DeepSpeed (0.19 on) casts parameters to bf16/fp16 but leaves buffers in fp32, and
+    ``batch_norm`` refuses a bf16 weight next to fp32 running statistics: every BatchNorm tower
+    (ResNet-50) would fail at its first step. Older DeepSpeed cast the whole module, buffers
+    included; this restores that for the norm layers only, leaving other buffers (position ids,
+    rotary frequencies) as they are.
+    """
+    if dtype == torch.float32:
+        return
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._NormBase):
+            target = layer.weight.dtype if layer.weight is not None else dtype
+            for name in ("running_mean", "running_var"):
+                buf = getattr(layer, name)
+                if buf is not None and buf.is_floating_point() and buf.dtype != target:
+                    setattr(layer, name, buf.to(target))

@@ -65,6 +65,18 @@ def num_chunks(batch_size: int, chunk_size: int) -> int:
 Objective = Callable[[ObjectiveInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+def objective_extras(out: Any) -> dict[str, torch.Tensor]:
+    """What the objectives read from a forward besides the main features (``Embeddings``):
+    report embeddings, divergence encoders' features, further graph-carrying features."""
+    extras = {"report_embedding": out.report_embedding}
+    if out.image_aug is not None:
+        extras.update(image_aug=out.image_aug, text_aug=out.text_aug)
+    if out.findings_embedding is not None:
+        extras["findings_embedding"] = out.findings_embedding
+    extras.update(out.features or {})
+    return extras
+
+
 def gradcache_backward(
     engine: Any,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -74,31 +86,54 @@ def gradcache_backward(
     replay_rng: bool = True,
     image_aug: torch.Tensor | None = None,
     timer: PhaseTimer = NO_TIMER,
+    image_dtype: torch.dtype | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+    side: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], ObjectiveInputs]:
     """Both passes and every chunk's backward; the caller makes the final ``engine.step()``.
 
     ``objective`` maps the cached features to (weighted total, per-term values). Returns those
     and the objective's inputs (cached features, logit scale, divergence encoders' features when
     ``image_aug`` is given: they run in the first pass only, having no gradient to replay).
+    ``extra``: further per-sample model inputs by keyword (a second view, the findings' tokens),
+    chunked like the batch; every further feature the model returns is cached and replayed
+    like the main two. ``side``: per-step objective inputs that are no model output (MedFILIP's
+    label vocabulary), added to the extras as they are.
+    The batch may stay on the host: each chunk moves to ``device`` (images as ``image_dtype``) when
+    it is encoded, so device memory holds one chunk's inputs, never the effective batch's (65536
+    images of 224² in bf16 are 20 GB).
     ``replay_rng=False`` exists only to show, in tests, what the replay buys.
     """
     image, input_ids, attention_mask = batch
     slices = chunk_slices(image.shape[0], chunk_size)
+    dtype = image_dtype or image.dtype
+    extra = extra or {}
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+    def chunk(part: slice) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        return [move(t[part]) for t in (image, input_ids, attention_mask)], {k: move(v[part]) for k, v in extra.items()}
+
     states, cached = [], []
     with torch.no_grad():
         for part in slices:
             states.append(RngState.capture(device))
-            aug = image_aug[part] if image_aug is not None else None
-            cached.append(engine(image[part], input_ids[part], attention_mask[part], image_aug=aug))
+            aug = image_aug[part].to(device, dtype) if image_aug is not None else None
+            args, kwargs = chunk(part)
+            cached.append(engine(*args, image_aug=aug, **kwargs))
     after_first_pass = RngState.capture(device)
     timer.mark("forward")
 
     image_features = torch.cat([c.image for c in cached]).detach().requires_grad_()
     text_features = torch.cat([c.text for c in cached]).detach().requires_grad_()
     logit_scale = cached[0].logit_scale.detach().float().requires_grad_()
-    extras = {"report_embedding": torch.cat([c.report_embedding for c in cached])}
-    if image_aug is not None:
-        extras.update(image_aug=torch.cat([c.image_aug for c in cached]), text_aug=torch.cat([c.text_aug for c in cached]))
+    per_chunk = [objective_extras(c) for c in cached]
+    graph_keys = list(cached[0].features or {})  # features whose gradient the second pass replays
+    extras = {k: torch.cat([e[k] for e in per_chunk]) for k in per_chunk[0]}
+    for k in graph_keys:
+        extras[k] = extras[k].detach().requires_grad_()
+    extras.update(side or {})
     inputs = ObjectiveInputs(image_features, text_features, logit_scale, gather=gather_with_grad, extras=extras)
     total, terms = objective(inputs)
     # Leaves only: no parameter is reached, so no engine hook fires in this backward.
@@ -108,10 +143,12 @@ def gradcache_backward(
     for index, part in enumerate(slices):
         if replay_rng:
             states[index].restore()
-        out = engine(image[part], input_ids[part], attention_mask[part], text_pooled=cached[index].text_pooled)
-        surrogate = (out.image.float() * image_features.grad[part].float()).sum()
-        surrogate = surrogate + (out.text.float() * text_features.grad[part].float()).sum()
-        if index == 0:
+        args, kwargs = chunk(part)
+        out = engine(*args, text_pooled=cached[index].text_pooled, findings_pooled=cached[index].findings_pooled, **kwargs)
+        pairs = [(out.image, image_features), (out.text, text_features), *((out.features[k], extras[k]) for k in graph_keys)]
+        # A feature that no term used has no gradient (MedFILIP never reads the report's).
+        surrogate = sum((fresh.float() * leaf.grad[part].float()).sum() for fresh, leaf in pairs if leaf.grad is not None)
+        if index == 0 and logit_scale.grad is not None:
             surrogate = surrogate + out.logit_scale.float() * logit_scale.grad
         engine.backward(surrogate, scale_wrt_gas=False)
         if index < len(slices) - 1:

@@ -37,7 +37,7 @@ from trainer.distributed import WorkerInfo, all_gather_floats, all_reduce_mean, 
 from trainer.divergence import DivergenceEncoders
 from trainer.engine import build_engine, deepspeed_config, pick_device, pick_dtype
 from trainer.evaluate import evaluate
-from trainer.gradcache import gradcache_backward, num_chunks
+from trainer.gradcache import gradcache_backward, num_chunks, objective_extras
 from trainer.models.dual_encoder import build_model
 from trainer.objectives import ObjectiveInputs, build_objectives
 from trainer.timing import NO_TIMER, PhaseTimer
@@ -81,6 +81,9 @@ class Worker:
     metrics: Any  # monitoring.WorkerMetrics or None
     decoder: DeviceDecoder | None = None  # finishes batches whose JPEGs decode on the device
     divergence: DivergenceEncoders | None = None  # MLIP's moving-average encoders, when a term needs them
+    second_view: bool = False  # a term wants the second augmented view through the trained encoder
+    findings: bool = False  # a term wants the FINDINGS encoded apart from the main text
+    labels: bool = False  # a term wants each image's structured label texts encoded (MedFILIP)
 
     @property
     def run_dir(self) -> Path:
@@ -102,6 +105,8 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     wants_divergence = any(o.divergence_encoders for o in objectives.values())
     if wants_divergence:
         model.add_divergence_encoders()  # before the engine, so ZeRO partitions them too
+    if any(o.multi_level for o in objectives.values()):
+        model.add_hierarchy(cfg.model.image.multi_level)
     engine = build_engine(model, cfg, info.world_size, device, dtype)
     divergence = None
     if wants_divergence:
@@ -112,8 +117,10 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     if on_device and device.type != "cuda":
         raise RuntimeError(f"data.decode is 'gpu' but this worker's device is {device}")
     views = max(o.views for o in objectives.values())
+    findings = any(o.findings for o in objectives.values())
+    label_spec = next((o.spec for o in objectives.values() if o.labels), None)
     train_pre = Preprocess(d.image_size, d.in_chans, d.text, True, a.crop_scale_min, a.brightness, a.contrast,
-                           defer_jpeg=on_device, views=views)
+                           defer_jpeg=on_device, views=views, findings=findings, labels=label_spec)
     eval_pre = Preprocess(d.image_size, d.in_chans, d.text, False)
     decoder = DeviceDecoder(train_pre.augment_spec, d.in_chans, device) if on_device else None
     metrics = None
@@ -126,7 +133,9 @@ def build_worker(cfg: "HilumConfig") -> Worker:
         # Every run under output_dir in one folder: Prometheus's file_sd globs only the last path element.
         metrics.write_target(Path(cfg.run.output_dir) / "metrics_targets", f"{cfg.run.name}-rank{info.rank}.json")
         log.info("metrics at %s", url)
-    return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics, decoder, divergence)
+    return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics, decoder, divergence,
+                  second_view=any(o.second_view for o in objectives.values()), findings=findings,
+                  labels=label_spec is not None)
 
 
 def weighted_objective(w: Worker, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -138,16 +147,42 @@ def weighted_objective(w: Worker, inputs: ObjectiveInputs) -> tuple[torch.Tensor
 StepResult = tuple[torch.Tensor, dict[str, torch.Tensor], ObjectiveInputs]
 
 
+def extra_inputs(w: Worker, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Per-sample model inputs beyond (image, report) that the objectives ask for, by the
+    model's keyword names, where the batch holds them (host or device)."""
+    extra = {}
+    if w.second_view:
+        extra["image_view2"] = batch["image_aug"][:, 0]
+    if w.findings:
+        extra.update(findings_ids=batch["findings_input_ids"], findings_mask=batch["findings_attention_mask"])
+    if w.labels:
+        extra.update(label_ids=batch["label_input_ids"], label_mask=batch["label_attention_mask"],
+                     label_valid=batch["label_valid"])
+    return extra
+
+
+def side_inputs(w: Worker, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Per-step data the terms read besides the model's outputs (MedFILIP's label vocabulary)."""
+    side: dict[str, torch.Tensor] = {}
+    for objective in w.objectives.values():
+        side.update(objective.side_inputs(batch, w.device))
+    return side
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Images (floating) in the training dtype, token ids and masks as they are."""
+    return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+
 def plain_backward(w: Worker, batch: tuple[torch.Tensor, ...], image_aug: torch.Tensor | None = None,
-                   timer: PhaseTimer = NO_TIMER) -> StepResult:
+                   timer: PhaseTimer = NO_TIMER, extra: dict[str, torch.Tensor] | None = None,
+                   side: dict[str, torch.Tensor] | None = None) -> StepResult:
     """One forward over the whole per-rank batch and its backward; the caller steps."""
-    out = w.engine(*batch, image_aug=image_aug)
+    out = w.engine(*batch, image_aug=image_aug, **(extra or {}))
     timer.mark("forward")
-    extras = {"report_embedding": out.report_embedding}
-    if image_aug is not None:
-        extras.update(image_aug=out.image_aug, text_aug=out.text_aug)
     # Features stay in the model dtype (bf16 on GPUs): the loss kernels accumulate in float32.
-    inputs = ObjectiveInputs(out.image, out.text, out.logit_scale.float(), gather=gather_with_grad, extras=extras)
+    inputs = ObjectiveInputs(out.image, out.text, out.logit_scale.float(), gather=gather_with_grad,
+                             extras=objective_extras(out) | (side or {}))
     total, terms = weighted_objective(w, inputs)
     timer.mark("loss")
     w.engine.backward(total)
@@ -158,12 +193,16 @@ def plain_backward(w: Worker, batch: tuple[torch.Tensor, ...], image_aug: torch.
 def step_backward(w: Worker, batch: dict[str, Any], timer: PhaseTimer = NO_TIMER) -> StepResult:
     """Every backward of one training step, plain or gradient-cached; the optimizer step is left.
     Returns the weighted total, each term, and the objective's inputs (features, temperature)."""
-    tensors = (batch["image"].to(w.device, w.dtype), batch["input_ids"].to(w.device), batch["attention_mask"].to(w.device))
-    image_aug = batch["image_aug"][:, 0].to(w.device, w.dtype) if w.divergence is not None else None
-    if w.cfg.gradcache.enabled:
+    tensors = (batch["image"], batch["input_ids"], batch["attention_mask"])
+    image_aug = batch["image_aug"][:, 0] if w.divergence is not None else None
+    extra, side = extra_inputs(w, batch), side_inputs(w, batch)
+    if w.cfg.gradcache.enabled:  # moves one chunk at a time to the device
         return gradcache_backward(w.engine, tensors, w.cfg.gradcache.chunk_size, partial(weighted_objective, w), w.device,
-                                  image_aug=image_aug, timer=timer)
-    return plain_backward(w, tensors, image_aug, timer)
+                                  image_aug=image_aug, timer=timer, image_dtype=w.dtype, extra=extra, side=side)
+    tensors = tuple(to_device(t, w.device, w.dtype) for t in tensors)
+    image_aug = image_aug.to(w.device, w.dtype) if image_aug is not None else None
+    extra = {k: to_device(v, w.device, w.dtype) for k, v in extra.items()}
+    return plain_backward(w, tensors, image_aug, timer, extra, side)
 
 
 def train_step(w: Worker, batch: dict[str, Any], timer: PhaseTimer = NO_TIMER) -> dict[str, float]:
@@ -193,6 +232,8 @@ def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
         from trainer.data.phantom import ZERO_SHOT_PROMPTS
 
         prompts = ZERO_SHOT_PROMPTS
+        for objective in w.objectives.values():  # a term with its own template (MedFILIP's Eq. 10)
+            prompts = objective.zero_shot_prompts(list(prompts)) or prompts
     t0 = time.perf_counter()
     result = evaluate(
         w.engine.module,
@@ -241,6 +282,7 @@ class Progress:
         self.w = w
         self.last: dict[str, Any] = {}
         self.epoch_skipped: Counter[str] = Counter()
+        self.epoch_filled: Counter[str] = Counter()  # samples used with a stand-in (a missing section)
         self.flops_per_sample, self.peak_tflops = 0.0, None
         if w.metrics:
             self.flops_per_sample = count_flops_per_sample(w)
@@ -257,10 +299,16 @@ class Progress:
         total = sum(self.epoch_skipped.values())
         (log.warning if total else log.info)("rank %d, epoch %d (%s): %d samples skipped: %s",
                                              self.w.info.rank, epoch, what, total, reasons)
+        for reason, n in sorted(self.epoch_filled.items()):
+            if n:
+                log.info("rank %d, epoch %d (%s): %d samples kept with %s", self.w.info.rank, epoch, what, n,
+                         reason.replace("_", " "))
         self.epoch_skipped.clear()
+        self.epoch_filled.clear()
 
     def restart_window(self) -> None:
-        self.window_start, self.window_samples, self.window_steps, self.window_step_seconds = time.perf_counter(), 0, 0, 0.0
+        self.window_start, self.window_samples, self.window_steps = time.perf_counter(), 0, 0
+        self.window_step_seconds = self.window_data_seconds = 0.0
 
     def check_stragglers(self) -> None:
         """Compare every rank's mean step time over the window with the median rank (collective)."""
@@ -283,7 +331,9 @@ class Progress:
         self.window_samples += samples
         self.window_steps += 1
         self.window_step_seconds += step_seconds
+        self.window_data_seconds += data_seconds
         self.epoch_skipped.update(batch["_skipped"])
+        self.epoch_filled.update(batch.get("_filled", {}))
         losses = {k: values[k] for k in ["loss", *(t.name for t in cfg.objectives)]}
         similarity = w.divergence.last if w.divergence is not None else {}  # s per tower of this step's update
         if w.metrics:
@@ -299,15 +349,19 @@ class Progress:
         elapsed = time.perf_counter() - self.window_start
         rate = self.window_samples / elapsed * w.info.world_size if elapsed > 0 else 0.0
         loss = all_reduce_mean(values["loss"], w.device)  # collective: every rank logs at the same steps
+        # The share of step time this rank spent waiting for data (and decoding it) over the window:
+        # the figure that says whether the loader keeps up, steadier than the last step's wait.
+        data_share = self.window_data_seconds / self.window_step_seconds if self.window_step_seconds > 0 else 0.0
         self.last = {"step": state.step, "epoch": state.position.epoch, "loss": loss, "samples_per_second": rate,
-                     "lr": w.engine.get_lr()[0], **{k: v for k, v in values.items() if k != "loss"}}
+                     "data_wait_fraction": data_share, "lr": w.engine.get_lr()[0],
+                     **{k: v for k, v in values.items() if k != "loss"}}
         if w.info.is_main:
             terms = " ".join(f"{t.name} {values[t.name]:.4f}" for t in cfg.objectives)
             if similarity:
                 terms += " | s " + " ".join(f"{tower} {s:.3f}" for tower, s in similarity.items())
-            log.info("step %d/%d | loss %.4f | %s | %.0f samples/s | step %.3fs (data %.3fs) | lr %.2e | scale %.1f",
-                     state.step, cfg.train.max_steps, loss, terms, rate, step_seconds, data_seconds,
-                     self.last["lr"], values["logit_scale"])
+            log.info("step %d/%d | loss %.4f | %s | %.0f samples/s | step %.3fs (data %.3fs, %.1f%% of the window) | "
+                     "lr %.2e | scale %.1f", state.step, cfg.train.max_steps, loss, terms, rate, step_seconds,
+                     data_seconds, 100 * data_share, self.last["lr"], values["logit_scale"])
             with open(w.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(self.last) + "\n")
         if report:

@@ -60,6 +60,10 @@ def build_phantom_dataset(
 
         manifests[split] = write_shards(tracked(), out_dir, split, samples_per_shard)
     if texts and "://" not in out_dir:
+        # The knowledge dictionary's explanations too: MedFILIP's label texts quote them.
+        from trainer.data.entities import load_knowledge
+
+        texts += list(load_knowledge().values())
         train_wordpiece(texts, posixpath.join(out_dir, "tokenizer"), vocab_size=1000)
     return manifests
 

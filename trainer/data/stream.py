@@ -41,6 +41,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from trainer.data.augment import AugmentParams, AugmentSpec, apply_params, draw_params
 from trainer.data.shards import Manifest
 from trainer.data.storage import RetryingReader, redact_url
+from trainer.labels import LABEL_TEXTS, LABELS_CUT, LabelSpec, image_labels
 
 log = logging.getLogger("hilum.data")
 
@@ -203,6 +204,9 @@ class SampleError(ValueError):
         self.reason = reason
 
 
+FINDINGS_TEXT, FINDINGS_FILLED = "_findings_text", "_findings_filled"
+
+
 def report_text(meta: dict[str, Any], which: str) -> str:
     findings = str(meta.get("findings") or "").strip()
     impression = str(meta.get("impression") or "").strip()
@@ -270,6 +274,15 @@ class Preprocess:
     ``views`` > 1 returns that many independently augmented views of the image, stacked on a new
     first axis (objectives with an augmented view: MLIP's divergence encoder, IMITATE's V-V
     branch); the first view is the one a single-view stream would give.
+
+    ``findings``: the FINDINGS section is read as well, for terms that encode it apart from the
+    main text (IMITATE), into ``meta[FINDINGS_TEXT]``. A report without one falls back to its
+    IMPRESSION, marked ``meta[FINDINGS_FILLED]`` so the stream counts it (a report with neither
+    section is skipped as ``empty_report``, like any sample without text).
+
+    ``labels``: MedFILIP's structured label texts from the sample's stored ``entities``, into
+    ``meta[LABEL_TEXTS]`` (a sample stored without entities is skipped as ``no_entities``: build
+    the shards with ``--entities rules``).
     """
 
     image_size: int
@@ -281,6 +294,8 @@ class Preprocess:
     contrast: float = 0.0
     defer_jpeg: bool = False
     views: int = 1
+    findings: bool = False
+    labels: LabelSpec | None = None
 
     @property
     def augment_spec(self) -> AugmentSpec:
@@ -303,6 +318,15 @@ class Preprocess:
         if not text:
             raise SampleError("empty_report", f"sample {key}: no {self.text} text")
         meta["__key__"] = key
+        if self.labels is not None:
+            entities = meta.get("entities")
+            if not isinstance(entities, list):
+                raise SampleError("no_entities", f"sample {key}: no 'entities' list in its json (shards build --entities rules)")
+            meta[LABEL_TEXTS], meta[LABELS_CUT] = image_labels(entities, self.labels)
+        if self.findings:
+            findings = report_text(meta, "findings")
+            meta[FINDINGS_TEXT] = findings or report_text(meta, "impression") or text
+            meta[FINDINGS_FILLED] = not findings
         data = raw[ext]
         size = _jpeg_header(data, key) if self.defer_jpeg else None
         spec = self.augment_spec
@@ -421,6 +445,7 @@ class ShardStream(IterableDataset):
             batch: dict[str, Any] = {
                 **collate_images(images, self.preprocess.in_chans, self.preprocess.image_size, self.preprocess.views),
                 **self.tokenize(texts),
+                **self.tokenize_extra(metas),
                 "text": texts,
                 "meta": metas,
                 "_epoch": epoch,
@@ -431,6 +456,28 @@ class ShardStream(IterableDataset):
             }
             skipped.clear()
             yield batch
+
+    def tokenize_extra(self, metas: list[dict[str, Any]]) -> dict[str, Any]:
+        """Texts beyond the main one that the objectives asked for, and ``_filled``: how many
+        samples were used with a stand-in or a cut (counted, printed at each epoch's end)."""
+        out: dict[str, Any] = {}
+        filled: dict[str, int] = {}
+        if self.preprocess.findings:  # the FINDINGS (a report without them lends its IMPRESSION)
+            tokens = self.tokenize([m[FINDINGS_TEXT] for m in metas])
+            out.update(findings_input_ids=tokens["input_ids"], findings_attention_mask=tokens["attention_mask"])
+            filled["findings_from_impression"] = sum(bool(m[FINDINGS_FILLED]) for m in metas)
+        if self.preprocess.labels is not None:  # (B, K, T) label tokens, (B, K) filled slots
+            k = self.preprocess.labels.max_labels
+            texts = [m[LABEL_TEXTS] + [""] * (k - len(m[LABEL_TEXTS])) for m in metas]
+            tokens = self.tokenize([t for row in texts for t in row])
+            shape = (len(metas), k, -1)
+            out.update(label_input_ids=tokens["input_ids"].reshape(shape),
+                       label_attention_mask=tokens["attention_mask"].reshape(shape),
+                       label_valid=torch.tensor([[bool(t) for t in row] for row in texts]))
+            filled["labels_beyond_max_labels_dropped"] = sum(m[LABELS_CUT] for m in metas)
+        if filled:
+            out["_filled"] = filled
+        return out
 
     def _raw(self, order: list[int], start: int, stop: int, slot: int, epoch: int,
              skipped: Counter[str]) -> Iterator[dict[str, Any]]:

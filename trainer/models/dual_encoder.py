@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.models.hierarchy import HierarchicalAggregator, tower_levels
 from trainer.models.towers import TextTower, build_image_tower
 
 
@@ -21,6 +22,11 @@ class Embeddings(NamedTuple):
     image_aug: torch.Tensor | None = None  # divergence image encoder on the augmented view (no grad)
     text_aug: torch.Tensor | None = None  # divergence text encoder on the same report (no grad)
     report_embedding: torch.Tensor | None = None  # the text tower's pooled output, detached (IMITATE's R)
+    # Further unit-norm features that carry a graph, by name (IMITATE: image_multi = z_v,m of the
+    # first view; image_2 / image_multi_2 = z_v,h / z_v,m of the second view; findings = z_t,F).
+    features: dict[str, torch.Tensor] | None = None
+    findings_pooled: torch.Tensor | None = None  # frozen text tower's findings output, reusable (GradCache)
+    findings_embedding: torch.Tensor | None = None  # the findings' pooled output, detached (R of the F terms)
 
 
 class DualEncoder(nn.Module):
@@ -76,6 +82,24 @@ class DualEncoder(nn.Module):
         text = self.divergence_text["proj"](self.divergence_text["tower"](input_ids, attention_mask))
         return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
+    # IMITATE's multi-level visual feature ------------------------------------------------------------
+
+    @property
+    def has_hierarchy(self) -> bool:
+        return hasattr(self, "hierarchy")
+
+    def add_hierarchy(self, cfg) -> None:  # noqa: ANN001 - launch.config.MultiLevelSection
+        """The aggregation block P(·) over the image tower's levels and its projection (z_v,m)."""
+        self.hierarchy = HierarchicalAggregator(self.image_tower, cfg.levels, cfg.grid, cfg.dim, cfg.heads, cfg.depth,
+                                                cfg.drop_shallowest, cfg.drop_others)
+        self.multi_proj = nn.Linear(self.hierarchy.num_features, self.image_proj.out_features, bias=False)
+
+    def encode_image_levels(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_v,h, z_v,m) from one pass of the image tower."""
+        pooled, maps = tower_levels(self.image_tower, image, self.hierarchy.indices)
+        high = F.normalize(self.image_proj(pooled), dim=-1)
+        return high, F.normalize(self.multi_proj(self.hierarchy(maps)), dim=-1)
+
     # ----------------------------------------------------------------------------------------------
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -90,6 +114,17 @@ class DualEncoder(nn.Module):
                 return self.text_tower(input_ids, attention_mask)
         return self.text_tower(input_ids, attention_mask)
 
+    def encode_labels(self, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, K, E) unit features of the filled label slots, zeros in the empty ones (only the
+        filled slots run through the tower)."""
+        b, k, t = ids.shape
+        flat = valid.reshape(-1).bool()
+        out = self.text_proj.weight.new_zeros(b * k, self.text_proj.out_features)
+        if flat.any():
+            pooled = self.text_features(ids.reshape(-1, t)[flat], mask.reshape(-1, t)[flat])
+            out = out.index_put((flat.nonzero().squeeze(1),), F.normalize(self.text_proj(pooled), dim=-1).to(out.dtype))
+        return out.reshape(b, k, -1)
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_features(input_ids, attention_mask)), dim=-1)
 
@@ -100,24 +135,51 @@ class DualEncoder(nn.Module):
         attention_mask: torch.Tensor,
         text_pooled: torch.Tensor | None = None,
         image_aug: torch.Tensor | None = None,
+        image_view2: torch.Tensor | None = None,
+        findings_ids: torch.Tensor | None = None,
+        findings_mask: torch.Tensor | None = None,
+        findings_pooled: torch.Tensor | None = None,
+        label_ids: torch.Tensor | None = None,
+        label_mask: torch.Tensor | None = None,
+        label_valid: torch.Tensor | None = None,
     ) -> Embeddings:
         """``text_pooled``: a frozen text tower's output from an earlier pass over the same batch,
-        so GradCache's second pass skips that tower. ``image_aug``: the augmented view for the
-        divergence encoders (when the model has them), which run last and without a graph."""
+        so GradCache's second pass skips that tower (``findings_pooled`` likewise). ``image_aug``:
+        the augmented view for the divergence encoders (when the model has them), which run last
+        and without a graph. ``image_view2``: a second view through the trained image encoder;
+        ``findings_ids``/``findings_mask``: the FINDINGS section, through the text tower (IMITATE).
+        ``label_ids``/``label_mask`` (B, K, T) with ``label_valid`` (B, K): each image's structured
+        label texts (MedFILIP), through the text tower; empty slots give zero vectors."""
         # Clamping in the forward (rather than in place after the step, as open_clip does) keeps
         # the parameter untouched, which matters when ZeRO-3 owns its storage.
         scale = self.logit_scale.clamp(max=self.max_log_scale)[0]
         if text_pooled is None:
             text_pooled = self.text_features(input_ids, attention_mask)
         text = F.normalize(self.text_proj(text_pooled), dim=-1)
-        image = self.encode_image(image)
+        features: dict[str, torch.Tensor] = {}
+        if self.has_hierarchy:
+            image, features["image_multi"] = self.encode_image_levels(image)
+            if image_view2 is not None:
+                features["image_2"], features["image_multi_2"] = self.encode_image_levels(image_view2)
+        else:
+            image = self.encode_image(image)
+            if image_view2 is not None:
+                features["image_2"] = self.encode_image(image_view2)
+        if findings_pooled is None and findings_ids is not None:
+            findings_pooled = self.text_features(findings_ids, findings_mask)
+        if findings_pooled is not None:
+            features["findings"] = F.normalize(self.text_proj(findings_pooled), dim=-1)
+        if label_ids is not None:
+            features["labels"] = self.encode_labels(label_ids, label_mask, label_valid)
         image_div = text_div = None
         if image_aug is not None:
             if not self.has_divergence:
                 raise ValueError("image_aug given but the model has no divergence encoders")
             image_div, text_div = self.encode_divergence(image_aug, input_ids, attention_mask)
         return Embeddings(image, text, scale, text_pooled if self.freeze_text else None, image_div, text_div,
-                          text_pooled.detach())
+                          text_pooled.detach(), features,
+                          findings_pooled if self.freeze_text else None,
+                          findings_pooled.detach() if findings_pooled is not None else None)
 
 
 def build_model(model_cfg, in_chans: int, vocab_size: int) -> DualEncoder:  # noqa: ANN001 - ModelSection

@@ -10,6 +10,7 @@ from trainer.objectives.base import (
     ObjectiveInputs,
     TermConfig,
     build_objectives,
+    objective_class,
     objective_config_types,
     register_objective,
 )
@@ -18,12 +19,15 @@ from trainer.objectives.base import (
 from trainer.objectives import cicl as _cicl  # noqa: E402,F401
 from trainer.objectives import clip as _clip  # noqa: E402,F401
 from trainer.objectives import divergence as _divergence  # noqa: E402,F401
+from trainer.objectives import imitate as _imitate  # noqa: E402,F401
+from trainer.objectives import medfilip as _medfilip  # noqa: E402,F401
 
 __all__ = [
     "Objective",
     "ObjectiveInputs",
     "TermConfig",
     "build_objectives",
+    "objective_class",
     "objective_config_types",
     "register_objective",
 ]

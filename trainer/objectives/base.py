@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,11 +37,21 @@ class Objective(nn.Module):
     """A term of the loss. Subclasses compute an unweighted scalar from ObjectiveInputs.
 
     Class attributes say what a term needs from the rest of the worker: ``views`` augmented
-    views of each image from the stream, ``divergence_encoders`` on the model.
+    views of each image from the stream, ``divergence_encoders`` on the model, ``second_view``
+    (the second view through the trained image encoder), ``multi_level`` (IMITATE's aggregated
+    multi-level image feature) and ``findings`` (the FINDINGS section encoded apart from the
+    main text, which is then the IMPRESSION) and ``labels`` (MedFILIP's structured label texts
+    of each image, through the text tower). :meth:`side_inputs` adds per-step data that is not a
+    model output (computed once per step, outside GradCache's passes), :meth:`zero_shot_prompts`
+    the term's own zero-shot template.
     """
 
     views: int = 1
     divergence_encoders: bool = False
+    second_view: bool = False
+    multi_level: bool = False
+    findings: bool = False
+    labels: bool = False
 
     def __init__(self, config: TermConfig) -> None:
         super().__init__()
@@ -49,6 +59,14 @@ class Objective(nn.Module):
 
     def forward(self, inputs: ObjectiveInputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def side_inputs(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """Extras from the batch for this term, added to ``ObjectiveInputs.extras``."""
+        return {}
+
+    def zero_shot_prompts(self, classes: list[str]) -> dict[str, list[str]] | None:
+        """Class → prompts, when the term defines how classes are written (None: the default)."""
+        return None
 
 
 _C = TypeVar("_C", bound=type[Objective])
@@ -63,6 +81,11 @@ def register_objective(name: str, config_cls: type[TermConfig]) -> Callable[[_C]
         return cls
 
     return deco
+
+
+def objective_class(name: str) -> type[Objective]:
+    """The term registered as ``name`` (its class attributes say what it needs)."""
+    return _REGISTRY[name][1]
 
 
 def objective_config_types() -> list[type[TermConfig]]:

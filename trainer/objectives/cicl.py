@@ -20,8 +20,8 @@ Choices where the paper is open (configurable where it matters):
 * Negative correlations stay negative (the paper keeps them: "does not convert negative values
   to positive ones"); a row of weights summing to ≤ 0 is refused with an error naming it. The
   authors' code instead clamps R at 0, zeroes the diagonal and adds the prior, scaled by the
-  temperature, to the one-hot target; and it computes R over each GPU's batch, where hilum uses
-  the global batch.
+  temperature, to the one-hot target: ``form: code`` (scale ``prior_scale``). Their code computes
+  R over each GPU's batch, where hilum uses the global batch.
 """
 
 from __future__ import annotations
@@ -35,14 +35,33 @@ from kernels import ReportCorrelationTargets, infonce_loss, infonce_loss_distrib
 from trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
 
 
-class CiclConfig(TermConfig):
+class CorrelationTargetsConfig(TermConfig):
+    """What the clinical-informed terms (``cicl``, ``imitate``) share: how R becomes targets."""
+
+    lam: float = Field(0.2, gt=0.0, description="λ of the smoothing kernel, Eq. 4 (form: paper)")
+    form: Literal["paper", "code"] = Field(
+        "paper", description="paper: W = 1 − exp(−λR) (Eq. 4); code: the authors' code, W = prior_scale · max(R, 0)"
+    )
+    prior_scale: float = Field(0.07, gt=0.0, description="scale of the prior in the code form (the code: the temperature)")
+    gather: bool = Field(True, description="use every rank's samples (and reports) as the batch")
+    impl: Literal["auto", "triton", "torch"] = Field("auto", description="loss implementation, as for `clip`")
+
+    def targets(self, embedding: torch.Tensor) -> ReportCorrelationTargets:
+        lam = self.lam if self.form == "paper" else self.prior_scale
+        return ReportCorrelationTargets(embedding.detach(), lam=lam, form=self.form)
+
+    def loss(self, a: torch.Tensor, b: torch.Tensor, log_scale: torch.Tensor, targets: ReportCorrelationTargets) -> torch.Tensor:
+        """The contrastive cross-entropy of ``a`` against ``b`` with these soft targets (Eq. 5)."""
+        if self.gather:
+            return infonce_loss_distributed(a, b, log_scale, targets, grad_reduction="data_parallel", impl=self.impl)
+        return infonce_loss(a, b, log_scale, targets, impl=self.impl)
+
+
+class CiclConfig(CorrelationTargetsConfig):
     name: Literal["cicl"]
-    lam: float = Field(0.2, gt=0.0, description="λ of the smoothing kernel, Eq. 4")
     embedding: Literal["report", "text_features"] = Field(
         "report", description="the report embedding that defines R: the text tower's pooled output, or the projected feature"
     )
-    gather: bool = Field(True, description="use every rank's samples (and reports) as the batch")
-    impl: Literal["auto", "triton", "torch"] = Field("auto", description="loss implementation, as for `clip`")
 
 
 @register_objective("cicl", CiclConfig)
@@ -56,8 +75,5 @@ class CiclObjective(Objective):
                 raise ValueError("the cicl term needs the text tower's pooled output (extras['report_embedding'])")
         else:
             embedding = inputs.text_features
-        targets = ReportCorrelationTargets(embedding.detach(), lam=self.config.lam)
-        if self.config.gather:
-            return infonce_loss_distributed(inputs.image_features, inputs.text_features, inputs.logit_scale, targets,
-                                            grad_reduction="data_parallel", impl=self.config.impl)
-        return infonce_loss(inputs.image_features, inputs.text_features, inputs.logit_scale, targets, impl=self.config.impl)
+        c = self.config
+        return c.loss(inputs.image_features, inputs.text_features, inputs.logit_scale, c.targets(embedding))
