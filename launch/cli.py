@@ -105,8 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsectioned", choices=("skip", "findings"), default="skip",
                    help="a report with neither FINDINGS nor IMPRESSION: skip it (counted), or use its whole text as findings")
     p.add_argument("--label-columns", default="", help="--csv: comma-separated numeric label columns")
-    p.add_argument("--entities", choices=("rules", "none"), default="rules",
-                   help="(severity, location, category) triplets in each sample's JSON: the offline rule-based extractor, or none")
+    p.add_argument("--entities", choices=("rules", "llm", "none"), default="rules",
+                   help="(severity, location, category) triplets in each sample's JSON: the offline rule-based extractor, "
+                        "an LLM behind an OpenAI-compatible endpoint (--llm-url, --llm-model), or none")
+    p.add_argument("--llm-url", help="--entities llm: API base of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--llm-model", help="--entities llm: the model name the server knows")
+    p.add_argument("--llm-prompt", help="--entities llm: prompt file (default: hilum's, asking for a JSON list of triplets)")
+    p.add_argument("--llm-api-key-env", metavar="NAME", help="--entities llm: environment variable holding the API key")
+    p.add_argument("--llm-cache", metavar="DIR", help="--entities llm: cache replies here (a re-run asks only for what is missing)")
+    p.add_argument("--llm-concurrency", type=int, default=8, help="--entities llm: requests in flight")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="build processes")
     p.add_argument("--seed", type=int, default=0, help="seeds the order of samples across shards")
     _storage_args(p)
@@ -125,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000 (credentials: AWS_* environment)")
     p.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec storage options as JSON")
+
+
+def _llm_extractor(args: argparse.Namespace) -> Any:
+    """The LLM entity extractor of ``shards build --entities llm`` (None for the other extractors)."""
+    if args.entities != "llm":
+        if args.llm_url or args.llm_model:
+            raise ConfigError("--llm-url/--llm-model are used with --entities llm only")
+        return None
+    if not (args.llm_url and args.llm_model):
+        raise ConfigError("--entities llm needs --llm-url (an OpenAI-compatible API base) and --llm-model")
+    from trainer.data.llm_entities import DEFAULT_PROMPT, LLMExtractor
+
+    prompt = args.llm_prompt or str(DEFAULT_PROMPT)
+    if not Path(prompt).is_file():
+        raise ConfigError(f"--llm-prompt: {prompt} is not a file")
+    return LLMExtractor(args.llm_url, args.llm_model, prompt, args.llm_api_key_env, args.llm_cache,
+                        concurrency=args.llm_concurrency)
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -262,7 +286,8 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
         views = FRONTAL_VIEWS if args.mimic else ()
     else:
         views = tuple(v.strip() for v in args.views.split(",") if v.strip())
-    filters = Filters(views=views, min_words=args.min_words, unsectioned=args.unsectioned, entities=args.entities)
+    filters = Filters(views=views, min_words=args.min_words, unsectioned=args.unsectioned, entities=args.entities,
+                      llm=_llm_extractor(args))
     if args.resize is not None and args.resize < 1:
         raise ConfigError("--resize must be a positive number of pixels")
     t0 = time.perf_counter()

@@ -25,12 +25,14 @@ import posixpath
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import fsspec
 
 from trainer.data.entities import extract_entities
+from trainer.data.llm_entities import LLMExtractor
 from trainer.data.reports import Sections, count_words, extract_sections
 from trainer.data.storage import open_with_retry, redact_url, url_to_fs
 
@@ -74,13 +76,16 @@ class Filters:
     views: tuple[str, ...] = FRONTAL_VIEWS
     min_words: int = 3
     unsectioned: str = "skip"
-    entities: str = "rules"  # "rules": trainer.data.entities' offline extractor; "none": no entities
+    entities: str = "rules"  # "rules": trainer.data.entities' offline extractor; "llm": ``llm``; "none": no entities
+    llm: LLMExtractor | None = None
 
     def __post_init__(self) -> None:
         if self.unsectioned not in ("skip", "findings"):
             raise ValueError(f"unsectioned must be 'skip' or 'findings', got {self.unsectioned!r}")
-        if self.entities not in ("rules", "none"):
-            raise ValueError(f"entities must be 'rules' or 'none', got {self.entities!r}")
+        if self.entities not in ("rules", "llm", "none"):
+            raise ValueError(f"entities must be 'rules', 'llm' or 'none', got {self.entities!r}")
+        if (self.entities == "llm") != (self.llm is not None):
+            raise ValueError("entities 'llm' needs an LLM extractor (endpoint URL and model), and only it uses one")
         if self.min_words < 0:
             raise ValueError(f"min_words must be >= 0, got {self.min_words}")
 
@@ -143,10 +148,19 @@ def _sections(text: str, filters: Filters) -> tuple[Sections | None, str]:
     return sections, ""
 
 
-def _entities(sections: Sections, filters: Filters) -> tuple[dict[str, Any], ...] | None:
+def _entities(sections: list[Sections], filters: Filters, skipped: Counter[str]) -> list[tuple[dict[str, Any], ...] | None]:
+    """Each report's entities (None: not extracted). An LLM reply that cannot be parsed leaves
+    the sample without entities, counted as ``entities_unparsed`` (training with ``medfilip``
+    then skips it as ``no_entities``)."""
     if filters.entities == "none":
-        return None
-    return tuple(e.to_dict() for e in extract_entities(sections.findings + "\n" + sections.impression))
+        return [None] * len(sections)
+    texts = [s.findings + "\n" + s.impression for s in sections]
+    if filters.llm is not None:
+        found = filters.llm.extract_many(texts)
+        skipped["entities_unparsed"] += sum(f is None for f in found)
+    else:
+        found = [extract_entities(t) for t in texts]
+    return [None if f is None else tuple(e.to_dict() for e in f) for f in found]
 
 
 def _labels(row: dict[str, str], names: Iterable[str]) -> dict[str, float]:
@@ -203,7 +217,8 @@ def mimic_records(
     log.info("reading %d reports for %d images", len(studies), len(kept))
     texts = dict(zip(studies, _read_texts(studies, storage_options)))
     sections_of = {url: _sections(text, filters) for url, text in texts.items() if text is not None}
-    entities_of = {url: _entities(sec, filters) for url, (sec, _) in sections_of.items() if sec is not None}  # once per study
+    studies_kept = [url for url, (sec, _) in sections_of.items() if sec is not None]
+    entities_of = dict(zip(studies_kept, _entities([sections_of[u][0] for u in studies_kept], filters, skipped)))  # once per study
     records = []
     for row in kept:
         url = report_url(row)
@@ -302,8 +317,9 @@ def csv_records(
             study_id=(row.get("study_id") or "").strip(),
             labels=_labels(row, label_columns),
             extra={k: v for k, v in row.items() if k not in CSV_COLUMNS and k not in label_columns and k},
-            entities=_entities(sections, filters),
         ))
+    found = _entities([Sections(r.findings, r.impression) for r in records], filters, skipped)
+    records = [dataclasses.replace(r, entities=e) for r, e in zip(records, found)]
     keys = Counter(r.key for r in records)
     dupes = [k for k, c in keys.items() if c > 1]
     if dupes:
