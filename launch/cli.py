@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_checkpoints)
 
+    p = sub.add_parser("export", help="write a checkpoint as one fp32 model + config + tokenizer (launch.export.from_pretrained loads it)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest complete one)")
+    p.set_defaults(func=cmd_export)
+
     shards = sub.add_parser("shards", help="build WebDataset shards").add_subparsers(dest="shards_command", required=True)
     p = shards.add_parser("phantom", help="generate the synthetic chest-radiograph data set (shards, manifests, tokenizer)")
     p.add_argument("--out", default="data/phantom")
@@ -261,6 +267,14 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         size = sum(f.stat().st_size for f in c.path.rglob("*") if f.is_file())
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.saved_at))
         print(f"step {c.step:>8}  {size / 2**20:8.1f} MiB  {when}  {c.path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from launch.export import export
+
+    ckpt = export(Path(args.run_dir), Path(args.out), args.step)
+    print(f"exported step {ckpt.step} of {args.run_dir} to {args.out} (load with launch.export.from_pretrained)")
     return 0
 
 

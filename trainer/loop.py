@@ -101,12 +101,10 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     dtype = pick_dtype(cfg.train.precision, device)
     tokenize = Tokenize(cfg.model.text.tokenizer, cfg.data.context_length)
     objectives = build_objectives(cfg.objectives).to(device)
-    model = build_model(cfg.model, cfg.data.in_chans, len(tokenize.tokenizer))
     wants_divergence = any(o.divergence_encoders for o in objectives.values())
-    if wants_divergence:
-        model.add_divergence_encoders()  # before the engine, so ZeRO partitions them too
-    if any(o.multi_level for o in objectives.values()):
-        model.add_hierarchy(cfg.model.image.multi_level)
+    # The objectives' extra parts are built before the engine, so ZeRO partitions them too.
+    model = build_model(cfg.model, cfg.data.in_chans, len(tokenize.tokenizer), divergence=wants_divergence,
+                        multi_level=any(o.multi_level for o in objectives.values()))
     engine = build_engine(model, cfg, info.world_size, device, dtype)
     divergence = None
     if wants_divergence:

@@ -182,11 +182,19 @@ class DualEncoder(nn.Module):
                           findings_pooled.detach() if findings_pooled is not None else None)
 
 
-def build_model(model_cfg, in_chans: int, vocab_size: int) -> DualEncoder:  # noqa: ANN001 - ModelSection
-    """Build the dual encoder from the ``model`` config section."""
-    image = build_image_tower(model_cfg.image.model, in_chans, model_cfg.image.kwargs, model_cfg.image.weights)
-    text = TextTower(model_cfg.text.pretrained, model_cfg.text.config, vocab_size, model_cfg.text.pooling)
-    return DualEncoder(
+def build_model(model_cfg, in_chans: int, vocab_size: int, divergence: bool = False,  # noqa: ANN001 - ModelSection
+                multi_level: bool = False, text_config: dict | None = None, text_pooler: bool = False) -> DualEncoder:
+    """Build the dual encoder from the ``model`` config section, with the parts the objectives
+    need (MLIP's divergence encoders, IMITATE's multi-level block). ``text_config`` (a full
+    transformers config) builds an exported model's architecture without any weight file: the
+    caller loads the whole state dict next."""
+    if text_config is not None:
+        image = build_image_tower(model_cfg.image.model, in_chans, model_cfg.image.kwargs)
+        text = TextTower.from_config(text_config, model_cfg.text.pooling, text_pooler)
+    else:
+        image = build_image_tower(model_cfg.image.model, in_chans, model_cfg.image.kwargs, model_cfg.image.weights)
+        text = TextTower(model_cfg.text.pretrained, model_cfg.text.config, vocab_size, model_cfg.text.pooling)
+    model = DualEncoder(
         image,
         text,
         model_cfg.embed_dim,
@@ -194,3 +202,8 @@ def build_model(model_cfg, in_chans: int, vocab_size: int) -> DualEncoder:  # no
         max_logit_scale=model_cfg.max_logit_scale,
         freeze_text=model_cfg.text.freeze,
     )
+    if divergence:
+        model.add_divergence_encoders()
+    if multi_level:
+        model.add_hierarchy(model_cfg.image.multi_level)
+    return model

@@ -72,6 +72,28 @@ class TextTower(nn.Module):
         self.pooling = pooling
         self.num_features = int(self.encoder.config.hidden_size)
 
+    @property
+    def has_pooler(self) -> bool:
+        return getattr(self.encoder, "pooler", None) is not None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], pooling: str, with_pooler: bool) -> "TextTower":
+        """The architecture a saved transformers config describes, randomly initialised (an
+        exported model's weights are loaded next; no pretrained directory is needed)."""
+        from transformers import AutoConfig, AutoModel
+
+        tower = cls.__new__(cls)
+        nn.Module.__init__(tower)
+        config = dict(config)
+        arch = AutoConfig.for_model(config.pop("model_type"), **config)
+        try:
+            tower.encoder = AutoModel.from_config(arch, add_pooling_layer=with_pooler)
+        except TypeError:  # an architecture without a pooler option
+            tower.encoder = AutoModel.from_config(arch)
+        tower.pooling = pooling
+        tower.num_features = int(tower.encoder.config.hidden_size)
+        return tower
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
