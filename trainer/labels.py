@@ -21,18 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.data.entities import CATEGORIES, load_knowledge, structured_label
+from trainer.data.entities import CATEGORIES, canonical_category, load_knowledge, structured_label
 
 NO_FINDING = "no finding"
 LABEL_TEXTS, LABELS_CUT = "_labels", "_labels_cut"  # where a sample's meta holds its label texts, and how many were cut
-_CANONICAL = [(re.compile(rf"^(?:{p})$"), name) for name, ps in CATEGORIES.items() for p in ps]
-
-
-def canonical_category(name: str) -> str:
-    """A category as the knowledge dictionary names it ("effusion" → "pleural effusion";
-    underscores read as spaces); unknown names pass through."""
-    text = name.replace("_", " ").strip().lower()
-    return next((canon for pattern, canon in _CANONICAL if pattern.match(text)), text)
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,13 @@ def _canonical(phrase: str) -> str:
     return next(name for pattern, name in _CANONICAL if pattern.match(phrase))
 
 
+def canonical_category(name: str) -> str:
+    """A category as the vocabulary and the knowledge dictionary name it ("effusion" → "pleural
+    effusion"; underscores read as spaces); a name no synonym matches passes through."""
+    text = " ".join(name.replace("_", " ").lower().split())
+    return next((canon for pattern, canon in _CANONICAL if pattern.match(text)), text)
+
+
 def _segment_of(clause: str, start: int) -> str:
     """The segment (between commas/and/with/or) of ``clause`` holding position ``start``."""
     bounds = [0] + [m.end() for m in _SEGMENT.finditer(clause) if m.end() <= start]

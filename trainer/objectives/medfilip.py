@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kernels import LabelSimilarityTargets, infonce_loss
-from trainer.data.entities import structured_label
-from trainer.labels import LABEL_TEXTS, BagOfWordsEncoder, LabelSpec, LabelVocabulary, ModelEncoder, canonical_category
+from trainer.data.entities import canonical_category, structured_label
+from trainer.labels import LABEL_TEXTS, BagOfWordsEncoder, LabelSpec, LabelVocabulary, ModelEncoder
 from trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
 
 
