@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -95,3 +96,30 @@ def s3_server():
 
     with moto_s3_server() as options:
         yield options
+
+
+def train_shipped_config(name: str, phantom_dir: Path, run_root: Path, steps: int = 300) -> tuple[list[float], dict]:
+    """Train ``configs/NAME.yaml`` on the test phantom set through `hilum train` (2 local workers,
+    16 per rank, GradCache chunks of 6); return the logged values of its term and the zero-shot
+    evaluation."""
+    from launch.config import parse_yaml
+    from tests.test_e2e import hilum
+
+    raw = parse_yaml((ROOT / "configs" / f"{name}.yaml").read_text())
+    raw["run"].update(output_dir=str(run_root), name=name)
+    raw["data"].update(train_manifest=str(phantom_dir / "train.json"), eval_manifest=str(phantom_dir / "test.json"),
+                       batch_size=16, num_workers=0)
+    raw["model"]["text"]["tokenizer"] = str(phantom_dir / "tokenizer")
+    raw["train"].update(max_steps=steps, log_every=steps // 10, checkpoint_every=0)
+    raw["optim"].update(warmup_steps=20)
+    raw["gradcache"] = {"enabled": True, "chunk_size": 6}
+    raw["cluster"].update(launcher="local")
+    raw["monitoring"].update(metrics_port=0)
+    hilum("train", "--config", str(write_config(run_root / f"{name}.yaml", raw)))
+    run_dir = run_root / name
+    term = raw["objectives"][0]["name"]
+    values = [json.loads(line)[term] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    zero_shot = json.loads((run_dir / "eval.json").read_text())["zero_shot"]
+    print(name, "losses", values, "zero-shot", zero_shot)  # shown with -rP
+    return values, zero_shot
+

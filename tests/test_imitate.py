@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cluster.local import free_port
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_shipped_config
 from tests.test_cicl import _cicl_transcribed
 from trainer.objectives import ObjectiveInputs
 from trainer.objectives.imitate import ImitateConfig, ImitateObjective
@@ -210,26 +210,7 @@ def test_imitate_under_gradcache_on_two_ranks_equals_the_plain_step(phantom_dir,
 def test_imitate_config_trains_on_phantom_data_with_gradcache(phantom_dir, tmp_path):
     """configs/imitate.yaml through `hilum train` (2 local workers, GradCache chunks of 6): the
     six-term loss falls and the held-out zero-shot accuracy of z_v,h ends well above chance."""
-    from launch.config import parse_yaml
-
-    from tests.conftest import ROOT, write_config
-    from tests.test_e2e import hilum
-
-    raw = parse_yaml((ROOT / "configs" / "imitate.yaml").read_text())
-    raw["run"].update(output_dir=str(tmp_path), name="imitate")
-    raw["data"].update(train_manifest=str(phantom_dir / "train.json"), eval_manifest=str(phantom_dir / "test.json"),
-                       batch_size=16, num_workers=0)
-    raw["model"]["text"]["tokenizer"] = str(phantom_dir / "tokenizer")
-    raw["train"].update(max_steps=300, log_every=30, checkpoint_every=0)
-    raw["optim"].update(warmup_steps=20)
-    raw["gradcache"] = {"enabled": True, "chunk_size": 6}
-    raw["cluster"].update(launcher="local")
-    raw["monitoring"].update(metrics_port=0)
-    hilum("train", "--config", str(write_config(tmp_path / "imitate.yaml", raw)))
-    run_dir = tmp_path / "imitate"
-    losses = [json.loads(line)["imitate"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    zero_shot = json.loads((run_dir / "eval.json").read_text())["zero_shot"]
-    print("losses", losses, "zero-shot", zero_shot)  # shown with -rP
+    losses, zero_shot = train_shipped_config("imitate", phantom_dir, tmp_path)
     assert sum(losses[-2:]) / 2 < losses[0] - 0.2, losses
     # 55 held-out samples, 24 of them 'no finding': the class-balanced accuracy is the steadier figure
     assert zero_shot["balanced_accuracy"] > 1.5 * zero_shot["chance"], zero_shot

@@ -4,7 +4,6 @@ forms), the label stream, GradCache on two ranks, and a phantom training run."""
 
 from __future__ import annotations
 
-import json
 import os
 from functools import partial
 
@@ -14,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cluster.local import free_port
-from tests.conftest import ROOT, tiny_config, write_config
+from tests.conftest import tiny_config, train_shipped_config
 from trainer.labels import BagOfWordsEncoder, LabelSpec, LabelVocabulary, image_labels, label_category
 from trainer.objectives import ObjectiveInputs
 from trainer.objectives.medfilip import MedfilipConfig, MedfilipObjective, semantic_mse
@@ -194,24 +193,7 @@ def test_medfilip_under_gradcache_on_two_ranks_equals_the_plain_step(phantom_dir
 def test_medfilip_config_trains_on_phantom_data_with_gradcache(phantom_dir, tmp_path):
     """configs/medfilip.yaml through `hilum train` (2 local workers, GradCache): the loss falls and
     zero-shot accuracy with Eq. 10's prompts ends above chance."""
-    from launch.config import parse_yaml
-    from tests.test_e2e import hilum
-
-    raw = parse_yaml((ROOT / "configs" / "medfilip.yaml").read_text())
-    raw["run"].update(output_dir=str(tmp_path), name="medfilip")
-    raw["data"].update(train_manifest=str(phantom_dir / "train.json"), eval_manifest=str(phantom_dir / "test.json"),
-                       batch_size=16, num_workers=0)
-    raw["model"]["text"]["tokenizer"] = str(phantom_dir / "tokenizer")
-    raw["train"].update(max_steps=300, log_every=30, checkpoint_every=0)
-    raw["optim"].update(warmup_steps=20)
-    raw["gradcache"] = {"enabled": True, "chunk_size": 6}
-    raw["cluster"].update(launcher="local")
-    raw["monitoring"].update(metrics_port=0)
-    hilum("train", "--config", str(write_config(tmp_path / "medfilip.yaml", raw)))
-    run_dir = tmp_path / "medfilip"
-    losses = [json.loads(line)["medfilip"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    zero_shot = json.loads((run_dir / "eval.json").read_text())["zero_shot"]
-    print("losses", losses, "zero-shot", zero_shot)  # shown with -rP
+    losses, zero_shot = train_shipped_config("medfilip", phantom_dir, tmp_path)
     # One step's loss moves with its number of label columns (the CE's log M): compare windows' means.
     assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2 - 0.05, losses
     # 55 held-out samples, 24 of them 'no finding': the class-balanced accuracy is the steadier figure
