@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(local_rank: int, world_size: int, port: int, cfg: "HilumConfig", resume_from: str | None, queue: Any) -> None:
+def _worker(local_rank: int, world_size: int, port: int, cfg: "HilumConfig", resume: bool, queue: Any) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world_size),
@@ -34,16 +34,16 @@ def _worker(local_rank: int, world_size: int, port: int, cfg: "HilumConfig", res
     backend = dist_backend(pick_device(cfg.cluster.device, local_rank).type)
     dist.init_process_group(backend, rank=local_rank, world_size=world_size)
     try:
-        result = train(cfg, resume_from)
+        result = train(cfg, resume)
         if local_rank == 0:
             queue.put(result)
     finally:
         dist.destroy_process_group()
 
 
-def run_local(cfg: "HilumConfig", resume_from: str | None = None) -> dict[str, Any]:
+def run_local(cfg: "HilumConfig", resume: bool = False) -> dict[str, Any]:
     n = cfg.cluster.num_workers
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(n, free_port(), cfg, resume_from, queue), nprocs=n, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(n, free_port(), cfg, resume, queue), nprocs=n, join=True, start_method="spawn")
     return queue.get() if not queue.empty() else {}

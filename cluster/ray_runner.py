@@ -28,7 +28,11 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
     from trainer.loop import train
 
-    result = train(loop_config["cfg"], loop_config["resume_from"], report=lambda metrics: ray.train.report(metrics))
+    # Always "resume from the latest complete checkpoint, if any": the launcher has refused a fresh
+    # run into a store that holds checkpoints, so at the first start this finds none (or the one
+    # `hilum resume` asked for), and after a failure, when Ray Train's FailureConfig restarts the
+    # worker group with the same arguments, it finds the newest one.
+    result = train(loop_config["cfg"], resume=True, report=lambda metrics: ray.train.report(metrics))
     if result.get("eval"):
         ray.train.report({**result.get("train", {}), "eval": result["eval"]})
 
@@ -36,11 +40,18 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 # DS_ACCELERATOR is not here: trainer.engine sets it from the device it picks, before importing
 # DeepSpeed, whichever launcher started the worker.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+# Passed on to the workers when the launching environment sets them (see trainer.checkpoint.fault_drill).
+PASSED_ENV = ("HILUM_FAULT_DRILL",)
 
 
-def run_ray(cfg: "HilumConfig", resume_from: str | None = None) -> dict[str, Any]:
+def worker_env() -> dict[str, str]:
+    return {**WORKER_ENV, **{k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
+
+
+def run_ray(cfg: "HilumConfig", resume: bool = False) -> dict[str, Any]:
+    """Train on Ray (``resume`` is implied: see ``_ray_worker``)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.engine import dist_backend
@@ -56,10 +67,12 @@ def run_ray(cfg: "HilumConfig", resume_from: str | None = None) -> dict[str, Any
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"cfg": cfg, "resume_from": resume_from},
+        train_loop_config={"cfg": cfg},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=dist_backend("cuda" if use_gpu else "cpu")),
-        run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir.resolve() / "ray"), worker_runtime_env={"env_vars": WORKER_ENV}),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir.resolve() / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                             worker_runtime_env={"env_vars": worker_env()}),
     )
     result = trainer.fit()
     return dict(result.metrics or {})

@@ -1,6 +1,8 @@
 """The ``hilum`` command line.
 
     hilum train --config configs/tiny-clip.yaml [--set optim.lr=3e-4 ...] [--resume]
+    hilum launch configs/tiny-clip.yaml [--address ray://HEAD:10001] [--set ...]
+    hilum stop RUN_DIR
     hilum resume RUN_DIR [--set train.max_steps=400 ...]
     hilum shards phantom --out data/phantom
     hilum shards build (--mimic ROOT | --csv TABLE) --out URL [--resize 512 --workers 8 ...]
@@ -15,16 +17,18 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from launch.config import ConfigError, HilumConfig, build_config, dump_config, load_config, parse_yaml, resolve_paths
+from launch.config import RESOLVED_CONFIG, ConfigError, HilumConfig, dump_config, load_config, load_run_config, resolve_paths
+from launch.jobs import JOB_FILE, JobRecord, driver_state, job_state, mark_driver, stop, submit
+from trainer.data.storage import redact_url
 
 log = logging.getLogger("hilum.launch")
 
-RESOLVED_CONFIG = "config.yaml"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -59,15 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; start nothing")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("launch", help="start a run in the background: a Ray job on a cluster, or a detached driver here",
+                       description="Validate the config, create the run directory and start the run without waiting: "
+                                   "with --address as a Ray job on that cluster (ray://HOST:10001, auto, or "
+                                   "http://HOST:8265), without it as a detached driver on this machine. Prints the run's "
+                                   "directory and job id; follow it with `hilum status RUN_DIR`.")
+    p.add_argument("config", help="YAML config")
+    _config_args(p)
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("stop", help="stop a launched run (its driver and workers); `hilum resume` continues it")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_stop)
+
     p = sub.add_parser("resume", help="continue a run from its latest complete checkpoint",
                        description="Continue a run from its latest complete checkpoint, with the config saved in RUN_DIR. "
                                    "--set may change fields such as train.max_steps.")
     p.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     _config_args(p)
+    p.add_argument("--foreground", action="store_true",
+                   help="a launched run is resumed in the background the way it was launched; run it here instead")
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("status", help="a run's throughput, step-time breakdown, MFU and memory per rank",
-                       description="Reads each rank's metrics endpoint (or, once the run has ended, its last snapshot).")
+    p = sub.add_parser("status", help="a run's state, step, throughput, last checkpoint, and per-rank step-time breakdown, MFU, memory",
+                       description="The job's state (for launched runs), then each rank's metrics endpoint (or, once the "
+                                   "run has ended, its last snapshot).")
     p.add_argument("run_dir")
     p.add_argument("--watch", action="store_true", help="refresh live until the run ends (Ctrl-C to leave)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
@@ -172,7 +192,7 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _launch(cfg: HilumConfig, resume_from: str | None) -> dict[str, Any]:
+def _launch(cfg: HilumConfig, resume: bool) -> dict[str, Any]:
     from launch.preflight import preflight
 
     preflight(cfg)
@@ -181,14 +201,23 @@ def _launch(cfg: HilumConfig, resume_from: str | None) -> dict[str, Any]:
     dump_config(cfg, run_dir / RESOLVED_CONFIG)
     log.info("run directory %s (%s launcher, %d workers)", run_dir, cfg.cluster.launcher, cfg.cluster.num_workers)
     t0 = time.perf_counter()
-    if cfg.cluster.launcher == "local":
-        from cluster.local import run_local
+    mark_driver(run_dir, "RUNNING")
+    try:
+        if cfg.cluster.launcher == "local":
+            from cluster.local import run_local
 
-        result = run_local(cfg, resume_from)
-    else:
-        from cluster.ray_runner import run_ray
+            result = run_local(cfg, resume)
+        else:
+            from cluster.ray_runner import run_ray
 
-        result = run_ray(cfg, resume_from)
+            result = run_ray(cfg, resume)
+    except SystemExit:
+        mark_driver(run_dir, "STOPPED")
+        raise
+    except BaseException as err:
+        mark_driver(run_dir, "FAILED", error=f"{type(err).__name__}: {err}"[:2000])
+        raise
+    mark_driver(run_dir, "SUCCEEDED")
     log.info("finished in %.0fs", time.perf_counter() - t0)
     eval_file = run_dir / "eval.json"
     if eval_file.is_file():
@@ -202,11 +231,11 @@ def _launch(cfg: HilumConfig, resume_from: str | None) -> dict[str, Any]:
     return result
 
 
-def _latest_checkpoint(run_dir: Path) -> str | None:
-    from trainer.checkpoint import latest_complete
+def _latest_checkpoint(cfg: HilumConfig) -> str | None:
+    from trainer.checkpoint import store_for
 
-    found = latest_complete(run_dir)
-    return str(found.path) if found else None
+    found = store_for(cfg).latest_complete()
+    return redact_url(found.url) if found else None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -217,32 +246,73 @@ def cmd_train(args: argparse.Namespace) -> int:
         preflight(cfg)
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
-    resume_from = _latest_checkpoint(cfg.run_dir)
-    if resume_from and not args.resume:
+    latest = _latest_checkpoint(cfg)
+    if latest and not args.resume:
         raise ConfigError(
-            f"run directory {cfg.run_dir} already has checkpoints (latest {resume_from}); "
+            f"run {cfg.run.name} already has checkpoints (latest {latest}); "
             "pass --resume to continue it, or choose another run.name"
         )
-    if args.resume and resume_from:
-        log.info("resuming from %s", resume_from)
-    _launch(cfg, resume_from if args.resume else None)
+    if args.resume and latest:
+        log.info("resuming from %s", latest)
+    _launch(cfg, resume=args.resume)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).resolve()
-    saved = run_dir / RESOLVED_CONFIG
-    if not saved.is_file():
-        raise ConfigError(f"{run_dir} is not a hilum run directory (no {RESOLVED_CONFIG})")
-    cfg = build_config(parse_yaml(saved.read_text()), _shortcuts(args), source=str(saved))
-    if cfg.run_dir.resolve() != run_dir:
-        # The run directory was moved or copied: follow it.
-        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(run_dir.parent), "name": run_dir.name})})
-    resume_from = _latest_checkpoint(run_dir)
-    if resume_from is None:
-        raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
-    log.info("resuming from %s", resume_from)
-    _launch(resolve_paths(cfg), resume_from)
+    cfg = load_run_config(run_dir, _shortcuts(args))
+    latest = _latest_checkpoint(cfg)
+    if latest is None:
+        raise ConfigError(f"{run_dir} has no complete checkpoint to resume from (looked in {redact_url(cfg.checkpoint_url)})")
+    record = JobRecord.load(run_dir)
+    if record is not None:
+        state = job_state(run_dir, record)
+        if state in ("PENDING", "RUNNING"):
+            raise ConfigError(f"{cfg.run.name} is still {state.lower()} (job {record.job_id}); `hilum stop {run_dir}` first")
+    log.info("resuming from %s", latest)
+    if record is not None and not args.foreground:
+        _background(cfg, record.address, resume=True)
+        return 0
+    _launch(cfg, resume=True)
+    return 0
+
+
+def _background(cfg: HilumConfig, address: str | None, resume: bool) -> None:
+    from launch.preflight import preflight
+
+    preflight(cfg)
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / RESOLVED_CONFIG)
+    mark_driver(run_dir, "PENDING")
+    record = submit(run_dir, address, resume, cfg.run.name)
+    where = f"Ray job {record.job_id} on {address}" if record.kind == "ray" else f"driver process {record.job_id} (log: {run_dir / 'driver.log'})"
+    print(f"hilum: {cfg.run.name} {'resumed' if resume else 'launched'} as {where}\n"
+          f"  run directory: {run_dir}\n  follow: hilum status {run_dir} --watch\n  stop:   hilum stop {run_dir}")
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    cfg = resolve_paths(load_config(args.config, _shortcuts(args)))
+    latest = _latest_checkpoint(cfg)
+    if latest:
+        raise ConfigError(f"run {cfg.run.name} already has checkpoints (latest {latest}): `hilum resume {cfg.run_dir}` "
+                          "continues it; or choose another run.name")
+    # The address is where the job goes; inside the job the driver joins that cluster as "auto".
+    _background(cfg, cfg.cluster.address, resume=False)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir).resolve()
+    record = JobRecord.load(run_dir)
+    if record is None:
+        raise ConfigError(f"{run_dir} was not started by `hilum launch` (no {JOB_FILE}): stop its `hilum train` with Ctrl-C")
+    state = job_state(run_dir, record)
+    if state not in ("PENDING", "RUNNING"):
+        print(f"hilum: {run_dir.name} is not running ({state})")
+        return 0
+    stop(run_dir, record)
+    print(f"hilum: stopped {run_dir.name} (job {record.job_id}); `hilum resume {run_dir}` continues it from its latest checkpoint")
     return 0
 
 
@@ -252,21 +322,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / RESOLVED_CONFIG).is_file():
         raise ConfigError(f"{run_dir} is not a hilum run directory (no {RESOLVED_CONFIG})")
+    record = JobRecord.load(run_dir)
+    if record is not None:
+        where = f"Ray job {record.job_id} on {record.address}" if record.kind == "ray" else f"driver process {record.job_id} on this machine"
+        print(f"job: {job_state(run_dir, record)} ({where})")
+        error = driver_state(run_dir).get("error")
+        if error:
+            print(f"driver error: {error}")
     show(run_dir, watch=args.watch, interval_s=args.interval)
     return 0
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import list_complete
+    from trainer.checkpoint import store_for
 
-    found = list_complete(Path(args.run_dir))
+    store = store_for(load_run_config(Path(args.run_dir)))
+    found = store.list_complete()
     if not found:
-        print(f"no complete checkpoints in {args.run_dir}")
+        print(f"no complete checkpoints in {redact_url(store.url)}")
         return 1
     for c in found:
-        size = sum(f.stat().st_size for f in c.path.rglob("*") if f.is_file())
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.saved_at))
-        print(f"step {c.step:>8}  {size / 2**20:8.1f} MiB  {when}  {c.path}")
+        print(f"step {c.step:>8}  {store.size(c) / 2**20:8.1f} MiB  {when}  {c.world_size} ranks  {redact_url(c.url)}")
     return 0
 
 
@@ -342,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+    # `hilum stop` sends SIGTERM: exit through Python, so the driver records it and Ray shuts down.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return args.func(args)
     except ConfigError as err:

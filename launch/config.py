@@ -23,6 +23,9 @@ from trainer.objectives import objective_class as _objective_class
 from trainer.objectives import objective_config_types
 
 
+RESOLVED_CONFIG = "config.yaml"  # a run directory's copy of the config it was started with
+
+
 class ConfigError(ValueError):
     """A configuration was refused; the message names every offending field."""
 
@@ -32,10 +35,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
+def _refuse_literal_credentials(options: dict[str, Any]) -> dict[str, Any]:
+    from trainer.data.storage import literal_secrets
+
+    secrets = literal_secrets(options)
+    if secrets:
+        raise ValueError(
+            f"credentials must not be written into the config ({', '.join(secrets)}): set them in the environment "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3) or reference an environment variable as '${NAME}'"
+        )
+    return options
+
+
 class RunSection(_Section):
     name: str = Field("hilum", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     output_dir: str = "runs"
     seed: int = Field(0, ge=0)
+    checkpoint_dir: str | None = Field(
+        None, description="URL of the directory holding this run's checkpoints: a local path or s3://bucket/prefix "
+                          "(with run.storage_options); None: RUN_DIR/checkpoints"
+    )
+    # fsspec options for checkpoint_dir, e.g. {endpoint_url: "http://minio:9000"}; credentials as
+    # in data.storage_options: from the environment or as ${NAME} references, never literals.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    deterministic: bool = Field(
+        False, description="deterministic algorithms and seeded everything: a run interrupted at any step and resumed "
+                           "ends with the parameters of an uninterrupted run (bitwise on CPU; see the README for GPUs)"
+    )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_literal_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return _refuse_literal_credentials(options)
 
 
 class AugmentSection(_Section):
@@ -69,15 +100,7 @@ class DataSection(_Section):
     @field_validator("storage_options")
     @classmethod
     def _no_literal_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
-        from trainer.data.storage import literal_secrets
-
-        secrets = literal_secrets(options)
-        if secrets:
-            raise ValueError(
-                f"credentials must not be written into the config ({', '.join(secrets)}): set them in the environment "
-                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3) or reference an environment variable as '${NAME}'"
-            )
-        return options
+        return _refuse_literal_credentials(options)
 
 
 class MultiLevelSection(_Section):
@@ -137,6 +160,8 @@ class TrainSection(_Section):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(3, ge=1)
+    sample_log: bool = Field(False, description="append each step's sample keys to RUN_DIR/samples/rankN.jsonl: "
+                                                "an audit of which samples trained which step, across restarts")
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on CUDA, fp32 on CPU"
@@ -160,6 +185,10 @@ class ClusterSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0.0)
     address: str | None = Field(None, description="Ray cluster address; None starts an embedded local Ray")
+    max_failures: int = Field(
+        0, ge=-1, description="Ray launcher: restarts of the worker group after a worker or node fails, each from the "
+                              "latest complete checkpoint (Ray Train's FailureConfig); -1: unlimited"
+    )
 
 
 class MonitoringSection(_Section):
@@ -232,6 +261,10 @@ class HilumConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def checkpoint_url(self) -> str:
+        return self.run.checkpoint_dir or str(self.run_dir / "checkpoints")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -390,8 +423,21 @@ def resolve_paths(cfg: HilumConfig, base: Path | None = None) -> HilumConfig:
     text = cfg.model.text.model_copy(update={"tokenizer": fix(cfg.model.text.tokenizer), "pretrained": fix(cfg.model.text.pretrained)})
     image = cfg.model.image.model_copy(update={"weights": fix(cfg.model.image.weights)})
     model = cfg.model.model_copy(update={"text": text, "image": image})
-    run = cfg.run.model_copy(update={"output_dir": fix(cfg.run.output_dir)})
+    run = cfg.run.model_copy(update={"output_dir": fix(cfg.run.output_dir), "checkpoint_dir": fix(cfg.run.checkpoint_dir)})
     return cfg.model_copy(update={"data": data, "model": model, "run": run})
+
+
+def load_run_config(run_dir: str | os.PathLike[str], overrides: list[str] = ()) -> HilumConfig:
+    """The config a run directory was started with (``--set`` may change fields), following a moved directory."""
+    run_dir = Path(run_dir)
+    saved = run_dir / RESOLVED_CONFIG
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir} is not a hilum run directory (no {RESOLVED_CONFIG})")
+    cfg = build_config(parse_yaml(saved.read_text()), list(overrides), source=str(saved))
+    if cfg.run_dir.resolve() != run_dir.resolve():
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(run_dir.resolve().parent),
+                                                                        "name": run_dir.name})})
+    return resolve_paths(cfg)
 
 
 def dump_config(cfg: HilumConfig, path: Path) -> None:

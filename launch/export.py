@@ -25,8 +25,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from launch.config import HilumConfig, dump_config, load_config
-from trainer.checkpoint import CheckpointInfo, _deepspeed_safe_globals, list_complete
+from launch.config import HilumConfig, dump_config, load_config, load_run_config
+from trainer.checkpoint import CheckpointInfo, _deepspeed_safe_globals, local_copy, store_for
+from trainer.data.storage import redact_url
 
 _LOAD_LOCK = threading.Lock()
 
@@ -78,26 +79,22 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> CheckpointInfo:
     from trainer.data.text import load_tokenizer
     from trainer.models.dual_encoder import build_model
 
-    found = list_complete(run_dir)
-    if step is not None:
-        found = [c for c in found if c.step == step]
-    if not found:
-        raise FileNotFoundError(f"no complete checkpoint{f' at step {step}' if step is not None else ''} in {run_dir}")
-    ckpt = found[-1]
-    cfg = load_config(run_dir / "config.yaml")
-    state = consolidated_state_dict(ckpt.path)
+    cfg = load_run_config(run_dir)
+    store = store_for(cfg)
+    ckpt = store.find(step)
+    state = consolidated_state_dict(local_copy(store, ckpt))
     tokenizer = load_tokenizer(cfg.model.text.tokenizer)
     # The architecture as trained (pretrained tower included), to record its config and check the keys.
     model = build_model(cfg.model, cfg.data.in_chans, len(tokenizer), **_model_parts(cfg))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{ckpt.path} does not fit the run's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{redact_url(ckpt.url)} does not fit the run's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"))
     dump_config(cfg, out / "config.yaml")
     (out / "text_config.json").write_text(model.text_tower.encoder.config.to_json_string())
     tokenizer.save_pretrained(str(out / "tokenizer"))
-    meta = {"step": ckpt.step, "checkpoint": str(ckpt.path), "fingerprint": cfg.fingerprint(),
+    meta = {"step": ckpt.step, "checkpoint": redact_url(ckpt.url), "fingerprint": cfg.fingerprint(),
             "parameters": sum(v.numel() for v in state.values()), "text_pooler": model.text_tower.has_pooler}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
     return ckpt

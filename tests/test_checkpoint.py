@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -37,16 +36,34 @@ def test_deepspeed_files_load_weights_only(tmp_path):
         engine.checkpoint_engine.load(str(evil))
 
 
-def test_only_checkpoints_with_marker_count(tmp_path):
-    root = checkpoint.checkpoint_root(tmp_path)
-    for step, complete in ((5, True), (10, True), (15, False)):
-        d = root / checkpoint.tag_for(step)
-        d.mkdir(parents=True)
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return checkpoint.CheckpointStore(str(tmp_path / "ckpts"))
+    options = request.getfixturevalue("s3_server")
+    import fsspec
+
+    fsspec.filesystem("s3", **options).mkdir("ckpt-bucket")
+    return checkpoint.CheckpointStore("s3://ckpt-bucket/runs/t", options)
+
+
+def test_only_checkpoints_with_marker_count(store, tmp_path):
+    for step, complete in ((5, True), (10, True), (15, False), (20, False)):
+        staged = tmp_path / "staged" / checkpoint.tag_for(step)
+        staged.mkdir(parents=True)
+        (staged / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 100)
+        store.upload(staged, checkpoint.tag_for(step))
         if complete:
-            (d / checkpoint.COMPLETE).write_text(json.dumps({"step": step, "world_size": 2, "saved_at": 1.0}))
-    (root / "step_00000020").mkdir()  # a crash mid-save: no marker
-    assert [c.step for c in checkpoint.list_complete(tmp_path)] == [5, 10]
-    assert checkpoint.latest_complete(tmp_path).step == 10
+            store.write_marker(checkpoint.tag_for(step), {"step": step, "world_size": 2, "saved_at": 1.0})
+    assert [c.step for c in store.list_complete()] == [5, 10]
+    assert store.latest_complete().step == 10 and store.find(5).world_size == 2
+    assert store.size(store.find(5)) > 100
+    with pytest.raises(FileNotFoundError, match="at step 15"):
+        store.find(15)
+    got = checkpoint.local_copy(store, store.find(10))
+    assert sorted(p.name for p in got.iterdir()) == [checkpoint.COMPLETE, "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    store.remove(checkpoint.tag_for(5))
+    assert [c.step for c in store.list_complete()] == [10]
 
 
 def test_rng_state_round_trips_through_weights_only_file(tmp_path):

@@ -98,6 +98,17 @@ def _batch(rank, step, vocab):
     }
 
 
+def _mismatches(got, expected):
+    """Which tensors differ, where and by how much: enough to tell a partition boundary from noise."""
+    out = []
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if not torch.equal(a, b):
+            bad = (a != b).flatten().nonzero().flatten()
+            out.append(f"#{i} {tuple(a.shape)}: {bad.numel()}/{a.numel()} differ, first at {bad[0].item()}, "
+                       f"max |diff| {(a - b).abs().max().item():.3g}")
+    return out
+
+
 def _full(params):
     """Full values of (possibly ZeRO-3-partitioned) parameters; gathering is the test's business only."""
     import deepspeed
@@ -129,7 +140,7 @@ def _rank(rank, port, phantom_dir, run_root, stages):
         final = {tower: _full(tgt.parameters()) for tower, (_, tgt) in pairs.items()}
         save_checkpoint(w, TrainState(step=STEPS))
         resumed = build_worker(cfg)
-        state = checkpoint.load(resumed.engine, cfg.run_dir / "checkpoints" / checkpoint.tag_for(STEPS), rank, 2)
+        state = checkpoint.load(resumed.engine, resumed.store, resumed.store.find(STEPS), rank, 2)
         resumed.divergence.load_state_dict(state.extra["divergence"])
         rpairs = resumed.engine.module.divergence_pairs()
         restored = {tower: _full(tgt.parameters()) for tower, (_, tgt) in rpairs.items()}
@@ -152,7 +163,8 @@ def test_divergence_encoders_follow_eq_7_on_each_zero_partition_and_resume_exact
     for stage, encoders, start, history, final, restored, after, after_resumed in results:
         for tower in ("image", "text"):
             label = f"zero{stage}/{tower}"
-            assert all(torch.equal(a, b) for a, b in zip(start[tower], encoders[tower])), label  # o ← f at start
+            assert all(torch.equal(a, b) for a, b in zip(start[tower], encoders[tower])), (  # o ← f at start
+                label, _mismatches(start[tower], encoders[tower]))
             reference = start[tower]
             for theta, s, values in history:
                 assert 0.0 < s[tower] <= 1.0 and "divergence" in values, label

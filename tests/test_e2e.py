@@ -56,7 +56,7 @@ def test_sigkill_after_checkpoint_then_resume_continues_at_next_step(phantom_dir
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 420
-        while latest_complete(run_dir) is None:
+        while not (run_dir / "config.yaml").is_file() or latest_complete(run_dir) is None:
             assert proc.poll() is None, "training exited before its first checkpoint"
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.2)

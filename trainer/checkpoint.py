@@ -1,9 +1,17 @@
 """Checkpoints: DeepSpeed's own shards plus hilum's per-rank state, committed with a marker.
 
-Layout under ``RUN_DIR/checkpoints/step_00000050/``: DeepSpeed's model and optimizer shards,
-``hilum_rank00000.pt`` … (step, stream position, RNG states), and ``COMPLETE`` written by rank 0
-after a barrier that every rank reaches only once its files are on disk. A checkpoint without
-``COMPLETE`` is invisible to resume, so a crash mid-save leaves the previous one the latest.
+A run's checkpoints live under one directory URL (``run.checkpoint_dir``, by default
+``RUN_DIR/checkpoints``): a local path, or object storage such as ``s3://bucket/prefix``. Each is
+``step_00000050/``: DeepSpeed's model and optimizer shards, ``hilum_rank00000.pt`` … (step,
+stream position, RNG states), and ``COMPLETE`` written by rank 0 after a barrier that every rank
+reaches only once its files are stored. A checkpoint without ``COMPLETE`` is invisible to resume,
+so a crash mid-save leaves the previous one the latest.
+
+DeepSpeed writes and reads local files only. For object storage each rank saves into its own
+local staging directory, so it knows exactly which files are its own, and uploads them; to load,
+one rank per node downloads the checkpoint into a node-local cache. Ray Train's checkpoint
+upload does the same for Ray runs only; this one also serves the single-node launcher and
+``hilum checkpoints``/``export``, which read the store without Ray.
 
 Everything is loaded with ``torch.load(weights_only=True)``: DeepSpeed's own loader unpickles
 arbitrary objects, so its checkpoint engine is replaced by one that allows only the handful of
@@ -12,11 +20,14 @@ DeepSpeed types its files hold.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +37,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.data.storage import PERMANENT, redact_url, url_to_fs, with_retry
 from trainer.data.stream import StreamPosition
 
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
-
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
 
 
 def tag_for(step: int) -> str:
@@ -53,34 +61,125 @@ class TrainState:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    path: Path
+    url: str  # the checkpoint's directory: a local path or a URL
     step: int
     world_size: int
     saved_at: float
 
+    @property
+    def tag(self) -> str:
+        return tag_for(self.step)
+
+
+class CheckpointStore:
+    """The directory (local or object storage, through fsspec) that holds a run's checkpoints."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = str(url).rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = url_to_fs(self.url, self.storage_options)
+        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({redact_url(self.url)})"
+
+    def path_of(self, tag: str) -> str:
+        return f"{self.root}/{tag}"
+
+    def url_of(self, tag: str) -> str:
+        return f"{self.url}/{tag}"
+
+    def list_complete(self) -> list[CheckpointInfo]:
+        """Complete checkpoints, oldest first (a fresh listing: object-store listings are cached)."""
+        self.fs.invalidate_cache()
+        try:
+            markers = self.fs.glob(f"{self.root}/step_*/{COMPLETE}")
+        except FileNotFoundError:
+            return []
+        out = []
+        for marker in markers:
+            tag = marker.rstrip("/").split("/")[-2]
+            m = _TAG.match(tag)
+            if not m:
+                continue
+            try:
+                meta = json.loads(self.fs.cat_file(marker))
+            except (ValueError, *PERMANENT):
+                continue
+            out.append(CheckpointInfo(self.url_of(tag), int(m.group(1)), int(meta.get("world_size", 0)),
+                                      float(meta.get("saved_at", 0))))
+        return sorted(out, key=lambda c: c.step)
+
+    def latest_complete(self) -> CheckpointInfo | None:
+        found = self.list_complete()
+        return found[-1] if found else None
+
+    def find(self, step: int | None = None) -> CheckpointInfo:
+        """The complete checkpoint of ``step`` (the latest one when None); FileNotFoundError if none."""
+        found = [c for c in self.list_complete() if step is None or c.step == step]
+        if not found:
+            at = f" at step {step}" if step is not None else ""
+            raise FileNotFoundError(f"no complete checkpoint{at} in {redact_url(self.url)}")
+        return found[-1]
+
+    def size(self, ckpt: CheckpointInfo) -> int:
+        return int(self.fs.du(self.path_of(ckpt.tag), total=True))
+
+    def remove(self, tag: str) -> None:
+        path = self.path_of(tag)
+        if self.fs.exists(path):
+            with_retry(lambda: self.fs.rm(path, recursive=True), f"removing {redact_url(self.url_of(tag))}")
+
+    def upload(self, local_dir: Path, tag: str) -> None:
+        """Put every file under ``local_dir`` into the checkpoint ``tag`` (each retried on its own)."""
+        for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            remote = f"{self.path_of(tag)}/{f.relative_to(local_dir).as_posix()}"
+            self._parent_dirs(remote)
+            with_retry(lambda f=f, remote=remote: self.fs.put_file(str(f), remote),
+                       f"uploading {f.name} to {redact_url(self.url_of(tag))}")
+
+    def download(self, tag: str, local_dir: Path) -> None:
+        """Copy the checkpoint ``tag`` into ``local_dir`` (through a temporary name: a crash leaves no half copy)."""
+        partial = local_dir.with_name(local_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        src = self.path_of(tag)
+        for remote in self.fs.find(src):
+            dest = partial / remote[len(src) + 1:]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with_retry(lambda remote=remote, dest=dest: self.fs.get_file(remote, str(dest)),
+                       f"downloading {redact_url(self.url)}/{remote[len(self.root) + 1:]}")
+        shutil.rmtree(local_dir, ignore_errors=True)
+        os.replace(partial, local_dir)
+
+    def _parent_dirs(self, path: str) -> None:
+        if self.is_local:  # object stores have no directories to create
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+
+    def write_marker(self, tag: str, marker: dict[str, Any]) -> None:
+        path = f"{self.path_of(tag)}/{COMPLETE}"
+        self._parent_dirs(path)
+        with_retry(lambda: self.fs.pipe_file(path, json.dumps(marker).encode()), f"writing {COMPLETE} of {tag}")
+
+
+def store_for(cfg: Any) -> CheckpointStore:
+    """The checkpoint store of a run config (``launch.config.HilumConfig``)."""
+    return CheckpointStore(cfg.checkpoint_url, cfg.run.storage_options)
+
+
+def store_of_run(run_dir: Path) -> CheckpointStore:
+    """The checkpoint store of the run in ``run_dir`` (its saved config names it)."""
+    from launch.config import load_run_config
+
+    return store_for(load_run_config(run_dir))
+
 
 def list_complete(run_dir: Path) -> list[CheckpointInfo]:
-    """Complete checkpoints of a run, oldest first."""
-    root = checkpoint_root(run_dir)
-    out = []
-    if not root.is_dir():
-        return out
-    for d in root.iterdir():
-        m = _TAG.match(d.name)
-        marker = d / COMPLETE
-        if not (m and marker.is_file()):
-            continue
-        try:
-            meta = json.loads(marker.read_text())
-        except ValueError:
-            continue
-        out.append(CheckpointInfo(d, int(m.group(1)), int(meta.get("world_size", 0)), float(meta.get("saved_at", 0))))
-    return sorted(out, key=lambda c: c.step)
+    """Complete checkpoints of the run in ``run_dir``, oldest first."""
+    return store_of_run(run_dir).list_complete()
 
 
 def latest_complete(run_dir: Path) -> CheckpointInfo | None:
-    found = list_complete(run_dir)
-    return found[-1] if found else None
+    return store_of_run(run_dir).latest_complete()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,51 +220,99 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine: Any, run_dir: Path, state: TrainState, rank: int, world_size: int, fingerprint: str, keep: int) -> Path:
-    """Save on every rank (collective). Returns the checkpoint directory."""
-    root = checkpoint_root(run_dir)
+def _local_scratch(kind: str, store: CheckpointStore) -> Path:
+    """Node-local scratch (``$TMPDIR``) for staging and cached checkpoints of ``store``; the host
+    name keeps nodes that share a temporary directory apart."""
+    key = hashlib.sha256(store.url.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"hilum-{kind}" / socket.gethostname() / key
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def save(engine: Any, store: CheckpointStore, state: TrainState, rank: int, world_size: int, fingerprint: str,
+         keep: int) -> str:
+    """Save on every rank (collective). Returns the checkpoint's URL."""
     tag = tag_for(state.step)
-    path = root / tag
-    if rank == 0 and path.exists():
-        shutil.rmtree(path)  # an incomplete leftover from a crash at this very step
+    if rank == 0:
+        store.remove(tag)  # an incomplete leftover from a crash at this very step
     _barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"hilum_step": state.step}, save_latest=False)
+    if store.is_local:
+        local_root = Path(store.root)
+    else:  # each rank's own staging directory: what it holds after the save is what it must upload
+        local_root = _local_scratch("staging", store) / f"rank{rank:05d}"
+        shutil.rmtree(local_root, ignore_errors=True)
+    engine.save_checkpoint(str(local_root), tag=tag, client_state={"hilum_step": state.step}, save_latest=False)
     payload = {"step": state.step, "position": state.position.to_dict(), "rng": capture_rng(), "world_size": world_size,
                "extra": state.extra}
-    tmp = _rank_file(path, rank).with_suffix(".tmp")
+    rank_file = _rank_file(local_root / tag, rank)
+    tmp = rank_file.with_suffix(".tmp")
     torch.save(payload, tmp)
-    os.replace(tmp, _rank_file(path, rank))
-    _barrier()  # every rank's files are on disk
+    os.replace(tmp, rank_file)
+    if not store.is_local:
+        store.upload(local_root / tag, tag)
+        shutil.rmtree(local_root, ignore_errors=True)
+    fault_drill("checkpoint_save", state.step, rank)
+    _barrier()  # every rank's files are stored
     if rank == 0:
-        marker = {"step": state.step, "world_size": world_size, "saved_at": time.time(), "config_fingerprint": fingerprint}
-        tmp_marker = path / (COMPLETE + ".tmp")
-        tmp_marker.write_text(json.dumps(marker))
-        os.replace(tmp_marker, path / COMPLETE)
-        for old in list_complete(run_dir)[:-keep]:
-            shutil.rmtree(old.path, ignore_errors=True)
+        store.write_marker(tag, {"step": state.step, "world_size": world_size, "saved_at": time.time(),
+                                 "config_fingerprint": fingerprint})
+        for old in store.list_complete()[:-keep]:
+            store.remove(old.tag)
     _barrier()
-    return path
+    return store.url_of(tag)
 
 
-def load(engine: Any, ckpt: Path, rank: int, world_size: int) -> TrainState:
+def local_copy(store: CheckpointStore, ckpt: CheckpointInfo) -> Path:
+    """A local directory holding ``ckpt`` for DeepSpeed to read (collective when the store is remote:
+    the first rank of each node downloads, the others wait). A cached copy is reused only while its
+    marker matches the store's."""
+    if store.is_local:
+        return Path(store.path_of(ckpt.tag))
+    cached = _local_scratch("checkpoints", store) / ckpt.tag
+    if _local_rank() == 0:
+        marker = store.fs.cat_file(f"{store.path_of(ckpt.tag)}/{COMPLETE}")
+        if not ((cached / COMPLETE).is_file() and (cached / COMPLETE).read_bytes() == marker):
+            store.download(ckpt.tag, cached)
+    _barrier()
+    return cached
+
+
+def load(engine: Any, store: CheckpointStore, ckpt: CheckpointInfo, rank: int, world_size: int) -> TrainState:
     """Restore engine, optimizer, schedule, RNG and stream position from a complete checkpoint."""
-    ckpt = Path(ckpt)
-    if not (ckpt / COMPLETE).is_file():
-        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
-    meta = json.loads((ckpt / COMPLETE).read_text())
-    if int(meta["world_size"]) != world_size:
+    if ckpt.world_size != world_size:
         raise ValueError(
-            f"{ckpt} was written by {meta['world_size']} workers; this run has {world_size}. "
+            f"{redact_url(ckpt.url)} was written by {ckpt.world_size} workers; this run has {world_size}. "
             "Resume with cluster.num_workers matching the checkpoint."
         )
+    local = local_copy(store, ckpt)
     use_weights_only_loading(engine)
-    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    load_path, _ = engine.load_checkpoint(str(local.parent), tag=local.name)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt}")
-    payload = torch.load(_rank_file(ckpt, rank), map_location="cpu", weights_only=True)
+        raise RuntimeError(f"DeepSpeed could not load {redact_url(ckpt.url)}")
+    payload = torch.load(_rank_file(local, rank), map_location="cpu", weights_only=True)
     restore_rng(payload["rng"])
     return TrainState(step=int(payload["step"]), position=StreamPosition.from_dict(payload["position"]),
                       extra=payload.get("extra", {}))
+
+
+def fault_drill(point: str, step: int, rank: int) -> None:
+    """Failure drills: ``HILUM_FAULT_DRILL=POINT:STEP:RANK:ONCE_FILE`` kills this process at ``POINT``
+    of ``STEP`` on ``RANK``, once (the first time, creating ONCE_FILE). How the failure tests crash a
+    worker in the middle of a checkpoint save, and how an operator can rehearse one on a cluster."""
+    spec = os.environ.get("HILUM_FAULT_DRILL")
+    if not spec:
+        return
+    want_point, want_step, want_rank, once = spec.split(":", 3)
+    if (want_point, int(want_step), int(want_rank)) != (point, step, rank):
+        return
+    try:
+        fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(137)  # as SIGKILL would: no cleanup, no barrier
 
 
 def use_weights_only_loading(engine: Any) -> None:

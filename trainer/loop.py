@@ -23,6 +23,7 @@ from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.data.device_decode import DeviceDecoder
 from trainer.data.shards import load_manifest
+from trainer.data.storage import redact_url
 from trainer.data.stream import (
     Preprocess,
     ShardStream,
@@ -65,6 +66,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_deterministic_algorithms() -> None:
+    """Deterministic kernels everywhere (an error, not a silent fallback, where torch has none).
+
+    The rest of what makes a resumed run repeat an uninterrupted one is always on: seeds, the
+    data stream as a function of (seed, epoch, position), RNG states in every checkpoint, and
+    collectives whose reduction order depends only on the world size (gloo's ring on CPU).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first call
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 @dataclass
 class Worker:
     """What the loop holds for one rank; built once by :func:`build_worker`."""
@@ -84,6 +98,7 @@ class Worker:
     second_view: bool = False  # a term wants the second augmented view through the trained encoder
     findings: bool = False  # a term wants the FINDINGS encoded apart from the main text
     labels: bool = False  # a term wants each image's structured label texts encoded (MedFILIP)
+    store: checkpoint.CheckpointStore | None = None  # where this run's checkpoints live
 
     @property
     def run_dir(self) -> Path:
@@ -96,6 +111,8 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     # One intra-op thread pool per CPU granted: OpenMP threads spinning on cores another worker
     # holds made small matmuls 5x slower on a 2-core machine.
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    if cfg.run.deterministic:
+        use_deterministic_algorithms()
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     device = pick_device(cfg.cluster.device, info.local_rank)
     dtype = pick_dtype(cfg.train.precision, device)
@@ -133,7 +150,7 @@ def build_worker(cfg: "HilumConfig") -> Worker:
         log.info("metrics at %s", url)
     return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics, decoder, divergence,
                   second_view=any(o.second_view for o in objectives.values()), findings=findings,
-                  labels=label_spec is not None)
+                  labels=label_spec is not None, store=checkpoint.store_for(cfg))
 
 
 def weighted_objective(w: Worker, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -262,15 +279,25 @@ def save_checkpoint(w: Worker, state: TrainState) -> None:
     t0 = time.perf_counter()
     if w.divergence is not None:
         state.extra["divergence"] = w.divergence.state_dict()
-    path = checkpoint.save(
-        w.engine, w.run_dir, state, w.info.rank, w.info.world_size, w.cfg.fingerprint(), w.cfg.train.keep_checkpoints
+    url = checkpoint.save(
+        w.engine, w.store, state, w.info.rank, w.info.world_size, w.cfg.fingerprint(), w.cfg.train.keep_checkpoints
     )
     seconds = time.perf_counter() - t0
     if w.metrics:
         w.metrics.checkpoint_seconds.labels(**w.metrics.labels).set(seconds)
-        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-        w.metrics.checkpoint_bytes.labels(**w.metrics.labels).set(size)
-    log.info("checkpoint %s saved in %.1fs", path, seconds)
+        if w.info.is_main:
+            w.metrics.checkpoint_bytes.labels(**w.metrics.labels).set(w.store.size(w.store.find(state.step)))
+    log.info("checkpoint %s saved in %.1fs", redact_url(url), seconds)
+
+
+def resume_state(w: Worker, ckpt: checkpoint.CheckpointInfo) -> TrainState:
+    """Load ``ckpt`` into the worker (collective) and return where training continues."""
+    state = checkpoint.load(w.engine, w.store, ckpt, w.info.rank, w.info.world_size)
+    if w.divergence is not None:
+        w.divergence.load_state_dict(state.extra.get("divergence", {}))
+    log.info("resumed from %s: continuing at step %d (epoch %d, batch %d)",
+             redact_url(ckpt.url), state.step + 1, state.position.epoch, state.position.batch)
+    return state
 
 
 class Progress:
@@ -350,7 +377,7 @@ class Progress:
         # The share of step time this rank spent waiting for data (and decoding it) over the window:
         # the figure that says whether the loader keeps up, steadier than the last step's wait.
         data_share = self.window_data_seconds / self.window_step_seconds if self.window_step_seconds > 0 else 0.0
-        self.last = {"step": state.step, "epoch": state.position.epoch, "loss": loss, "samples_per_second": rate,
+        self.last = {"step": state.step, "time": time.time(), "epoch": state.position.epoch, "loss": loss, "samples_per_second": rate,
                      "data_wait_fraction": data_share, "lr": w.engine.get_lr()[0],
                      **{k: v for k, v in values.items() if k != "loss"}}
         if w.info.is_main:
@@ -403,16 +430,40 @@ def advance(position: StreamPosition, batch: dict[str, Any], workers: int) -> St
     return StreamPosition(position.epoch, position.batch + 1, offsets)
 
 
-def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter | None = None) -> dict[str, Any]:
-    """Train on this rank until ``train.max_steps``; returns the final metrics (eval included)."""
+def append_line(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def record_start(w: Worker, step: int) -> None:
+    """One line per start of this rank in RUN_DIR/workers/rankN.jsonl: process, host, Ray node, the
+    step it continues after. Restarts after failures show up here (and `hilum status` reads it)."""
+    node = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    append_line(w.run_dir / "workers" / f"rank{w.info.rank}.jsonl",
+                {"pid": os.getpid(), "host": os.uname().nodename, "ray_node": node, "time": time.time(), "from_step": step})
+
+
+def train(cfg: "HilumConfig", resume: bool = False, report: Reporter | None = None) -> dict[str, Any]:
+    """Train on this rank until ``train.max_steps``; returns the final metrics (eval included).
+
+    With ``resume``, training continues from the latest complete checkpoint in the run's store,
+    looked up here rather than by the launcher: after a failure Ray Train restarts this function
+    with its original arguments, and the latest checkpoint is then a newer one.
+    """
     w = build_worker(cfg)
     state = TrainState()
-    if resume_from:
-        state = checkpoint.load(w.engine, Path(resume_from), w.info.rank, w.info.world_size)
-        if w.divergence is not None:
-            w.divergence.load_state_dict(state.extra.get("divergence", {}))
-        log.info("resumed from %s: continuing at step %d (epoch %d, batch %d)",
-                 resume_from, state.step + 1, state.position.epoch, state.position.batch)
+    latest = w.store.latest_complete() if resume else None
+    if latest is not None:
+        state = resume_state(w, latest)
+    record_start(w, state.step)
 
     manifest = load_manifest(cfg.data.train_manifest, cfg.data.storage_options)
     spec = StreamSpec(cfg.data.batch_size, w.info.world_size, cfg.data.num_workers, cfg.run.seed, True, cfg.data.shuffle_buffer)
@@ -441,6 +492,9 @@ def train(cfg: "HilumConfig", resume_from: str | None = None, report: Reporter |
         t_step = time.perf_counter()
         values = train_step(w, batch, timer)
         state.step += 1
+        if cfg.train.sample_log:
+            append_line(w.run_dir / "samples" / f"rank{w.info.rank}.jsonl",
+                        {"step": state.step, "epoch": batch["_epoch"], "keys": [m["__key__"] for m in batch["meta"]]})
         state.position = advance(state.position, batch, spec.workers)
         progress.step_done(state, batch, values, data_seconds=t_step - t_data, step_seconds=time.perf_counter() - t_data,
                            report=report, phases=timer.phases)

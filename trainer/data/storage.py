@@ -13,12 +13,13 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
 log = logging.getLogger("hilum")
+T = TypeVar("T")
 
 # Not transient: retrying cannot help, and a missing shard must be reported at once.
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -88,6 +89,25 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def with_retry(call: Callable[[], T], what: str, attempts: int = 4, backoff_s: float = 0.5) -> T:
+    """``call()``, retried with exponential backoff on errors that may be transient.
+
+    ``what`` names the object in the log (redact URLs before passing them). Permanent errors
+    (a missing file, no permission) are raised at once; the last attempt raises what it meets.
+    """
+    for attempt in range(1, attempts):
+        try:
+            return call()
+        except PERMANENT:
+            raise
+        except Exception as err:  # noqa: BLE001 - network and server errors come in many types
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt,
+                        attempts - 1, delay)
+            time.sleep(delay)
+    return call()
+
+
 def open_with_retry(
     url: str,
     mode: str = "rb",
@@ -96,17 +116,8 @@ def open_with_retry(
     backoff_s: float = 0.5,
 ) -> Any:
     """``fsspec.open(url, mode).open()``, retrying other errors with exponential backoff."""
-    for attempt in range(1, attempts):
-        try:
-            return fsspec.open(url, mode, **resolve_env_refs(storage_options or {})).open()
-        except PERMANENT:
-            raise
-        except Exception as err:  # noqa: BLE001 - network and server errors come in many types
-            delay = backoff_s * 2 ** (attempt - 1)
-            log.warning("opening %s failed (%s: %s); retry %d/%d in %.1fs", redact_url(url), type(err).__name__,
-                        err, attempt, attempts - 1, delay)
-            time.sleep(delay)
-    return fsspec.open(url, mode, **resolve_env_refs(storage_options or {})).open()  # the last try raises what it meets
+    options = resolve_env_refs(storage_options or {})
+    return with_retry(lambda: fsspec.open(url, mode, **options).open(), f"opening {redact_url(url)}", attempts, backoff_s)
 
 
 class RetryingReader(io.RawIOBase):

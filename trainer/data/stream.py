@@ -528,4 +528,8 @@ def make_loader(dataset: ShardStream) -> DataLoader:
         num_workers=workers,
         prefetch_factor=2 if workers else None,
         multiprocessing_context="spawn" if workers else None,
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG,
+        # so a loader created after a resume would shift every later dropout mask by one draw.
+        # (The stream's randomness is seeded by sample position and does not use that seed.)
+        generator=torch.Generator().manual_seed(dataset.spec.seed),
     )

@@ -1,0 +1,222 @@
+"""Communication per step, predicted weak scaling, and a check of the byte model on CPU ranks.
+
+    python benchmarks/scaling.py predict                 # the README's table: ResNet-50 + BERT-base on A100s
+    python benchmarks/scaling.py measure --ranks 2 4     # bytes each rank sends per step, measured vs the model
+
+The byte model counts what each rank sends per step with bandwidth-optimal (ring) collectives,
+for a model of Ψ trainable parameters, b samples per rank, embedding width d, N ranks:
+
+* ZeRO-1/2: gradients reduce-scattered, updated parameters all-gathered: 2·(N−1)/N·Ψ·p bytes
+  (p = bytes per value: 2 in bf16, 4 in fp32);
+* ZeRO-3: parameters also gathered again for the backward: 3·(N−1)/N·Ψ·p;
+* ZeRO-0: the gradients all-reduced: 2·(N−1)/N·Ψ·p;
+* contrastive loss, per tower: the features all-gathered, (N−1)·b·d·4 bytes (fp32 features), and
+  their gradient all-reduced on the way back, 2·(N−1)·b·d·4 (trainer.distributed.gather_with_grad:
+  one all-reduce works on every backend, where a reduce-scatter would send half as much).
+
+``measure`` runs the real training step on N CPU ranks (gloo) with every torch.distributed
+collective wrapped to count those bytes, and prints measured against predicted per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def bytes_per_step(psi: int, b: int, d: int, n: int, stage: int, p: int = 2, towers: int = 2) -> dict[str, float]:
+    """Bytes one rank sends per step (see the module docstring)."""
+    share = (n - 1) / n
+    params = {0: 2.0, 1: 2.0, 2: 2.0, 3: 3.0}[stage] * share * psi * p
+    contrastive = towers * 3 * (n - 1) * b * d * 4
+    return {"params": params, "contrastive": contrastive, "total": params + contrastive}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction for a cluster.
+
+# Assumptions, stated in the README: A100-SXM 80GB nodes of 8 (DGX A100 class), NVLink within a
+# node, 8x HDR InfiniBand 200 Gb/s per node (one NIC per GPU). Collectives that cross nodes run at
+# the per-GPU NIC's bandwidth; 80 % of line rate is what NCCL's all-reduce bus bandwidth reaches.
+INTRA_NODE_GBPS = 200.0  # NCCL bus bandwidth over NVLink 3 on A100, GB/s
+INTER_NODE_GBPS = 0.8 * 200 / 8  # 20 GB/s per GPU over HDR InfiniBand
+GPUS_PER_NODE = 8
+A100_BF16_TFLOPS = 312.0
+
+
+def predict(psi: int, b: int, d: int, stage: int, step_s: float, gpus: list[int], overlap: float) -> list[dict[str, float]]:
+    """Step time and weak-scaling efficiency at each size. ``step_s``: one GPU's step at batch ``b``;
+    ``overlap``: the share of the gradient reduce-scatter hidden behind the backward (DeepSpeed's
+    overlap_comm); parameter all-gathers and the contrastive collectives are counted as exposed."""
+    rows = []
+    for n in gpus:
+        comm = bytes_per_step(psi, b, d, n, stage)
+        bandwidth = (INTRA_NODE_GBPS if n <= GPUS_PER_NODE else INTER_NODE_GBPS) * 1e9
+        grads = 1.0 * (n - 1) / n * psi * 2  # the reduce-scatter part of the parameter traffic
+        exposed = (comm["params"] - overlap * grads + comm["contrastive"]) / bandwidth
+        # The loss over the global batch: b x (n·b) logits, forward and backward (3 matmuls of 2·b·n·b·d),
+        # for both directions' shared matrix, at 40 % of peak; one GPU already pays for b x b.
+        loss = 3 * 2 * b * (n - 1) * b * d / (0.4 * A100_BF16_TFLOPS * 1e12)
+        total = step_s + exposed + loss
+        rows.append({"gpus": n, "bytes_per_rank_MB": comm["total"] / 1e6, "params_MB": comm["params"] / 1e6,
+                     "contrastive_MB": comm["contrastive"] / 1e6, "comm_s": exposed, "loss_extra_s": loss,
+                     "step_s": total, "efficiency": step_s / total})
+    return rows
+
+
+def resnet50_bert_parameters() -> int:
+    """Trainable parameters of hilum's ResNet-50 + BERT-base dual encoder (built on the meta device)."""
+    import torch
+
+    from benchmarks.gradcache import RESNET50_BERT, overlay
+    from launch.config import build_config, parse_yaml
+    from trainer.models.dual_encoder import build_model
+
+    raw = overlay(parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text()), RESNET50_BERT)
+    cfg = build_config(raw)
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.data.in_chans, 30522)  # BERT-base's vocabulary
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    psi = resnet50_bert_parameters()
+    print(f"ResNet-50 + BERT-base: {psi / 1e6:.1f} M trainable parameters; b={args.batch}/GPU, d={args.dim}, "
+          f"one GPU's step {args.step_s:.2f}s")
+    for stage in args.stages:
+        print(f"\nZeRO-{stage}")
+        print(f"{'GPUs':>5} {'MB/rank/step':>13} {'params':>8} {'contrastive':>12} {'comm s':>8} {'loss s':>8} {'step s':>8} {'efficiency':>10}")
+        for r in predict(psi, args.batch, args.dim, stage, args.step_s, args.gpus, args.overlap):
+            print(f"{r['gpus']:>5} {r['bytes_per_rank_MB']:>13.0f} {r['params_MB']:>8.0f} {r['contrastive_MB']:>12.0f} "
+                  f"{r['comm_s']:>8.3f} {r['loss_extra_s']:>8.4f} {r['step_s']:>8.3f} {100 * r['efficiency']:>9.1f}%")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement on CPU ranks.
+
+SENT = {"bytes": 0.0}
+
+
+def _count_collectives() -> None:
+    """Wrap torch.distributed's collectives to add up what a ring algorithm sends from this rank."""
+    import torch.distributed as dist
+
+    def nbytes(t):
+        return t.numel() * t.element_size()
+
+    def wrap(name, sent):
+        original = getattr(dist, name)
+
+        def counted(*a, **k):
+            n = dist.get_world_size(k.get("group"))
+            SENT["bytes"] += sent(n, *a, **k)
+            return original(*a, **k)
+
+        setattr(dist, name, counted)
+
+    first = lambda a, k, key: a[0] if a else k[key]  # noqa: E731
+    second = lambda a, k, key: a[1] if len(a) > 1 else k[key]  # noqa: E731
+    wrap("all_reduce", lambda n, *a, **k: 2 * (n - 1) / n * nbytes(first(a, k, "tensor")))
+    wrap("all_gather", lambda n, *a, **k: (n - 1) * nbytes(second(a, k, "tensor")))
+    wrap("all_gather_into_tensor", lambda n, *a, **k: (n - 1) / n * nbytes(first(a, k, "output_tensor")))
+    wrap("reduce_scatter_tensor", lambda n, *a, **k: (n - 1) / n * nbytes(second(a, k, "input")))
+    wrap("reduce", lambda n, *a, **k: (n - 1) / n * nbytes(first(a, k, "tensor")))
+    wrap("broadcast", lambda n, *a, **k: (n - 1) / n * nbytes(first(a, k, "tensor")))
+
+
+def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    import torch
+
+    _count_collectives()
+    from launch.config import build_config, parse_yaml
+    from trainer.loop import build_worker, train_step
+
+    raw = parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text())
+    raw["model"]["text"]["tokenizer"] = str(Path(args.data) / "tokenizer")
+    raw["data"]["batch_size"] = args.batch
+    raw["train"]["zero_stage"] = args.stage
+    raw["monitoring"] = {"enabled": False}
+    raw["cluster"]["cpus_per_worker"] = max(1, (os.cpu_count() or 1) // world)
+    raw["run"]["output_dir"] = "/tmp/hilum-bench"
+    cfg = build_config(raw)
+    w = build_worker(cfg)
+    d = cfg.data
+    g = torch.Generator().manual_seed(rank)
+    batch = {"image": torch.rand(args.batch, d.in_chans, d.image_size, d.image_size, generator=g),
+             "input_ids": torch.randint(5, len(w.tokenize.tokenizer), (args.batch, d.context_length), generator=g),
+             "attention_mask": torch.ones(args.batch, d.context_length, dtype=torch.long)}
+    train_step(w, batch)  # warm-up: one-time collectives (parameter broadcast, optimizer state)
+    SENT["bytes"] = 0.0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(w, batch)
+    seconds = (time.perf_counter() - t0) / args.steps
+    if rank == 0:
+        psi = sum(p.numel() for p in w.engine.module.parameters() if p.requires_grad)
+        if args.stage == 3:
+            psi = sum(p.ds_numel for p in w.engine.module.parameters() if p.requires_grad)
+        predicted = bytes_per_step(psi, args.batch, cfg.model.embed_dim, world, args.stage, p=4)
+        out.write_text(json.dumps({"ranks": world, "stage": args.stage, "parameters": psi, "batch_per_rank": args.batch,
+                                   "measured_bytes": SENT["bytes"] / args.steps, "predicted_bytes": predicted["total"],
+                                   "step_s": seconds}))
+
+
+def cmd_measure(args: argparse.Namespace) -> None:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from cluster.local import free_port
+
+    if not (Path(args.data) / "tokenizer").is_dir():
+        from trainer.data.phantom_dataset import build_phantom_dataset
+
+        build_phantom_dataset(args.data, n_train=64, n_test=16, size=64, seed=0, samples_per_shard=64)
+    for world in args.ranks:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            mp.start_processes(_rank, args=(world, free_port(), args, out), nprocs=world, start_method="spawn")
+            result = json.loads(out.read_text())
+        result["measured_over_predicted"] = result["measured_bytes"] / result["predicted_bytes"]
+        result["date"] = time.strftime("%Y-%m-%d")
+        print(json.dumps(result), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict")
+    p.add_argument("--batch", type=int, default=512, help="samples per GPU")
+    p.add_argument("--dim", type=int, default=512, help="embedding width")
+    p.add_argument("--step-s", type=float, default=1.14,
+                   help="one A100's step at --batch (default: the H200's measured 0.513 s x 2.2, A100/H100 for this mix)")
+    p.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--overlap", type=float, default=0.0, help="share of the gradient reduce-scatter hidden by the backward")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("measure")
+    p.add_argument("--ranks", type=int, nargs="+", default=[2])
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--data", default="/tmp/hilum-bench-data/scaling")
+    p.add_argument("--out", help="append results (JSON lines) here")
+    p.set_defaults(func=cmd_measure)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
