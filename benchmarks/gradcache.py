@@ -78,6 +78,7 @@ def measure(args: argparse.Namespace) -> dict:
     raw["model"]["text"]["tokenizer"] = str(Path(args.data) / "tokenizer")
     raw["data"]["batch_size"] = args.batch
     raw["gradcache"] = {"enabled": args.gradcache, "chunk_size": min(args.chunk, args.batch)}
+    raw["model"]["image"]["channels_last"] = args.channels_last == "on"
     raw["monitoring"] = {"enabled": False}
     raw["run"]["output_dir"] = "/tmp/hilum-bench"
     cfg = build_config(raw)
@@ -93,6 +94,8 @@ def measure(args: argparse.Namespace) -> dict:
         "attention_mask": torch.ones(args.batch, d.context_length, dtype=torch.long),
     }
     cuda = w.device.type == "cuda"
+    if cuda and args.pin == "on":  # as the training loader delivers batches to CUDA workers (pin_memory)
+        batch = {k: v.pin_memory() for k, v in batch.items()}
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -109,10 +112,27 @@ def measure(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    phases = {}
+    if args.profile:  # one more step: its phases (synchronised at each end), then the kernels that dominate it
+        from trainer.timing import PhaseTimer
+
+        timer = PhaseTimer(w.device, enabled=True)
+        train_step(w, batch, timer)
+        phases = {k: round(v, 4) for k, v in timer.phases.items()}
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            train_step(w, batch)
+            if cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        for line in prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70).splitlines():
+            print("PROFILE " + line, flush=True)
     return {"what": "gradcache", "model": args.model, "device": str(w.device), "gradcache": args.gradcache,
             "batch": args.batch, "chunk": min(args.chunk, args.batch) if args.gradcache else None,
             "samples_per_s": args.batch / seconds, "step_s": seconds, "peak_extra_MiB": (peak - base) / 2**20,
-            "loss": values["loss"], "threads": torch.get_num_threads()}
+            "loss": values["loss"], "threads": torch.get_num_threads(), "channels_last": args.channels_last,
+            "pinned": args.pin,
+            **({"phases_s": phases} if phases else {})}
 
 
 def main() -> None:
@@ -124,6 +144,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--data", default=str(ROOT / "data" / "phantom"), help="a phantom data set (for its tokenizer)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--channels-last", choices=["on", "off"], default="on", help="model.image.channels_last")
+    p.add_argument("--pin", choices=["on", "off"], default="on", help="CUDA: the host batch in pinned memory, as the loader gives it")
+    p.add_argument("--profile", action="store_true", help="also time one step's phases and print its top kernels")
     p.add_argument("--fixed-mmap", action="store_true",
                    help="CPU: fixed glibc mmap threshold, so freed activations leave the resident set and the "
                         "peak shows live memory (glibc's adaptive threshold otherwise keeps them in a fragmented "
@@ -140,13 +163,21 @@ def main() -> None:
         from trainer.data.phantom_dataset import build_phantom_dataset
 
         build_phantom_dataset(args.data, n_train=256, n_test=64, size=64, seed=0, samples_per_shard=64)
-    runs = [(b, False) for b in map(int, (args.plain_batches or args.batches).split(","))]
-    runs += [(b, True) for b in map(int, args.batches.split(","))]
+    def sizes(text: str) -> list[int]:
+        return [int(b) for b in text.split(",") if b]
+
+    runs = [(b, False) for b in sizes(args.batches if args.plain_batches is None else args.plain_batches)]
+    runs += [(b, True) for b in sizes(args.batches)]
     for batch, gradcache in runs:
         cmd = [sys.executable, __file__, "--one", "--model", args.model, "--batch", str(batch), "--chunk", str(args.chunk),
-               "--steps", str(args.steps), "--data", args.data] + (["--gradcache"] if gradcache else [])
+               "--steps", str(args.steps), "--data", args.data, "--channels-last", args.channels_last,
+               "--pin", args.pin]
+        cmd += (["--gradcache"] if gradcache else []) + (["--profile"] if args.profile else [])
         env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if args.fixed_mmap else {})}
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        for line in proc.stdout.splitlines():
+            if line.startswith("PROFILE "):
+                print(line[8:])
         lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if lines:
             result = json.loads(lines[-1]) | {"fixed_mmap": args.fixed_mmap}

@@ -4,12 +4,16 @@
     python benchmarks/scaling.py measure --ranks 2 4     # bytes each rank sends per step, measured vs the model
 
 The byte model counts what each rank sends per step with bandwidth-optimal (ring) collectives,
-for a model of Ψ trainable parameters, b samples per rank, embedding width d, N ranks:
+for a model of Ψ trainable parameters, b samples per rank, embedding width d, N ranks, p bytes
+per value (2 in bf16, 4 in fp32), and the collectives DeepSpeed 0.19 actually issues (checked by
+``measure``):
 
-* ZeRO-1/2: gradients reduce-scattered, updated parameters all-gathered: 2·(N−1)/N·Ψ·p bytes
-  (p = bytes per value: 2 in bf16, 4 in fp32);
-* ZeRO-3: parameters also gathered again for the backward: 3·(N−1)/N·Ψ·p;
 * ZeRO-0: the gradients all-reduced: 2·(N−1)/N·Ψ·p;
+* ZeRO-1/2: the gradient buckets all-reduced (DeepSpeed's default ``use_multi_rank_bucket_allreduce``;
+  a reduce-scatter would send half), then the updated partitions all-gathered: 3·(N−1)/N·Ψ·p;
+* ZeRO-3: gradients reduce-scattered, parameters above the persistence threshold (Ψ_g of them)
+  gathered for the forward and again for the backward, the persistent rest all-gathered after
+  the step: (N−1)/N·(2Ψ + Ψ_g)·p;
 * contrastive loss, per tower: the features all-gathered, (N−1)·b·d·4 bytes (fp32 features), and
   their gradient all-reduced on the way back, 2·(N−1)·b·d·4 (trainer.distributed.gather_with_grad:
   one all-reduce works on every backend, where a reduce-scatter would send half as much).
@@ -31,10 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def bytes_per_step(psi: int, b: int, d: int, n: int, stage: int, p: int = 2, towers: int = 2) -> dict[str, float]:
-    """Bytes one rank sends per step (see the module docstring)."""
+def bytes_per_step(psi: int, b: int, d: int, n: int, stage: int, p: int = 2, towers: int = 2,
+                   gathered: int | None = None) -> dict[str, float]:
+    """Bytes one rank sends per step (see the module docstring); ``gathered``: Ψ_g for ZeRO-3."""
     share = (n - 1) / n
-    params = {0: 2.0, 1: 2.0, 2: 2.0, 3: 3.0}[stage] * share * psi * p
+    if stage == 3:
+        params = share * (2 * psi + (psi if gathered is None else gathered)) * p
+    else:
+        params = (2.0 if stage == 0 else 3.0) * share * psi * p
     contrastive = towers * 3 * (n - 1) * b * d * 4
     return {"params": params, "contrastive": contrastive, "total": params + contrastive}
 
@@ -51,15 +59,16 @@ GPUS_PER_NODE = 8
 A100_BF16_TFLOPS = 312.0
 
 
-def predict(psi: int, b: int, d: int, stage: int, step_s: float, gpus: list[int], overlap: float) -> list[dict[str, float]]:
+def predict(psi: int, gathered: int, b: int, d: int, stage: int, step_s: float, gpus: list[int],
+            overlap: float) -> list[dict[str, float]]:
     """Step time and weak-scaling efficiency at each size. ``step_s``: one GPU's step at batch ``b``;
     ``overlap``: the share of the gradient reduce-scatter hidden behind the backward (DeepSpeed's
     overlap_comm); parameter all-gathers and the contrastive collectives are counted as exposed."""
     rows = []
     for n in gpus:
-        comm = bytes_per_step(psi, b, d, n, stage)
+        comm = bytes_per_step(psi, b, d, n, stage, gathered=gathered)
         bandwidth = (INTRA_NODE_GBPS if n <= GPUS_PER_NODE else INTER_NODE_GBPS) * 1e9
-        grads = 1.0 * (n - 1) / n * psi * 2  # the reduce-scatter part of the parameter traffic
+        grads = (1.0 if stage == 3 else 2.0) * (n - 1) / n * psi * 2  # the gradient reduction's share
         exposed = (comm["params"] - overlap * grads + comm["contrastive"]) / bandwidth
         # The loss over the global batch: b x (n·b) logits, forward and backward (3 matmuls of 2·b·n·b·d),
         # for both directions' shared matrix, at 40 % of peak; one GPU already pays for b x b.
@@ -71,8 +80,16 @@ def predict(psi: int, b: int, d: int, stage: int, step_s: float, gpus: list[int]
     return rows
 
 
-def resnet50_bert_parameters() -> int:
-    """Trainable parameters of hilum's ResNet-50 + BERT-base dual encoder (built on the meta device)."""
+PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default (elements)
+
+
+def gathered_parameters(params) -> int:
+    """Ψ_g: trainable parameters that ZeRO-3 partitions and gathers at every use."""
+    return sum(n for n in params if n > PERSISTENCE_THRESHOLD)
+
+
+def resnet50_bert_parameters() -> tuple[int, int]:
+    """(Ψ, Ψ_g) of hilum's ResNet-50 + BERT-base dual encoder (built on the meta device)."""
     import torch
 
     from benchmarks.gradcache import RESNET50_BERT, overlay
@@ -83,17 +100,19 @@ def resnet50_bert_parameters() -> int:
     cfg = build_config(raw)
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.data.in_chans, 30522)  # BERT-base's vocabulary
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    return sum(sizes), gathered_parameters(sizes)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    psi = resnet50_bert_parameters()
-    print(f"ResNet-50 + BERT-base: {psi / 1e6:.1f} M trainable parameters; b={args.batch}/GPU, d={args.dim}, "
+    psi, gathered = resnet50_bert_parameters()
+    print(f"ResNet-50 + BERT-base: {psi / 1e6:.1f} M trainable parameters ({gathered / 1e6:.1f} M above ZeRO-3's "
+          f"persistence threshold); b={args.batch}/GPU, d={args.dim}, "
           f"one GPU's step {args.step_s:.2f}s")
     for stage in args.stages:
         print(f"\nZeRO-{stage}")
         print(f"{'GPUs':>5} {'MB/rank/step':>13} {'params':>8} {'contrastive':>12} {'comm s':>8} {'loss s':>8} {'step s':>8} {'efficiency':>10}")
-        for r in predict(psi, args.batch, args.dim, stage, args.step_s, args.gpus, args.overlap):
+        for r in predict(psi, gathered, args.batch, args.dim, stage, args.step_s, args.gpus, args.overlap):
             print(f"{r['gpus']:>5} {r['bytes_per_rank_MB']:>13.0f} {r['params_MB']:>8.0f} {r['contrastive_MB']:>12.0f} "
                   f"{r['comm_s']:>8.3f} {r['loss_extra_s']:>8.4f} {r['step_s']:>8.3f} {100 * r['efficiency']:>9.1f}%")
 
@@ -161,10 +180,10 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Path)
         train_step(w, batch)
     seconds = (time.perf_counter() - t0) / args.steps
     if rank == 0:
-        psi = sum(p.numel() for p in w.engine.module.parameters() if p.requires_grad)
-        if args.stage == 3:
-            psi = sum(p.ds_numel for p in w.engine.module.parameters() if p.requires_grad)
-        predicted = bytes_per_step(psi, args.batch, cfg.model.embed_dim, world, args.stage, p=4)
+        sizes = [getattr(p, "ds_numel", p.numel()) for p in w.engine.module.parameters() if p.requires_grad]
+        psi = sum(sizes)
+        predicted = bytes_per_step(psi, args.batch, cfg.model.embed_dim, world, args.stage, p=4,
+                                   gathered=gathered_parameters(sizes))
         out.write_text(json.dumps({"ranks": world, "stage": args.stage, "parameters": psi, "batch_per_rank": args.batch,
                                    "measured_bytes": SENT["bytes"] / args.steps, "predicted_bytes": predicted["total"],
                                    "step_s": seconds}))
@@ -200,8 +219,8 @@ def main() -> None:
     p = sub.add_parser("predict")
     p.add_argument("--batch", type=int, default=512, help="samples per GPU")
     p.add_argument("--dim", type=int, default=512, help="embedding width")
-    p.add_argument("--step-s", type=float, default=1.14,
-                   help="one A100's step at --batch (default: the H200's measured 0.513 s x 2.2, A100/H100 for this mix)")
+    p.add_argument("--step-s", type=float, default=0.79,
+                   help="one A100's step at --batch (default: hilum's measured H200 step, 0.361 s, x 2.2, A100/H100 for this mix)")
     p.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--overlap", type=float, default=0.0, help="share of the gradient reduce-scatter hidden by the backward")

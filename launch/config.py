@@ -126,6 +126,8 @@ class ImageTowerSection(_Section):
     # Passed to timm.create_model, e.g. {img_size: 64, patch_size: 8, depth: 4}.
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = Field(None, description="local file with the tower's weights (.pth or .safetensors)")
+    channels_last: bool = Field(True, description="on CUDA, feed images in channels-last (NHWC) memory, cuDNN's fast "
+                                                  "path for convolutions; no effect on CPU")
     multi_level: MultiLevelSection = Field(default_factory=MultiLevelSection)
 
 

@@ -63,3 +63,19 @@ def test_frozen_text_tower_gets_no_gradient():
     assert all(p.grad is None for p in model.text_tower.parameters())
     assert model.text_proj.weight.grad is not None and model.image_proj.weight.grad is not None
     assert out.logit_scale.shape == ()
+
+
+@pytest.mark.parametrize("tower", [("resnet18", {}), ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1})])
+def test_channels_last_images_give_the_same_embeddings(tower):
+    """CUDA workers feed images in channels-last memory (model.image.channels_last); the towers
+    must read NHWC-strided input as they read NCHW. Checked on CPU by giving them that layout."""
+    name, kwargs = tower
+    image = build_image_tower(name, 3, kwargs).eval()
+    x = torch.rand(2, 3, 32, 32)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert not nhwc.is_contiguous() and torch.equal(x, nhwc)
+    with torch.no_grad():
+        torch.testing.assert_close(image(nhwc), image(x), rtol=1e-5, atol=1e-6)
+    cfg = build_config({"model": {"image": {"model": name, "kwargs": kwargs}, "text": {"config": {"num_hidden_layers": 1}}}})
+    model = build_model(cfg.model, 3, 100)
+    assert model.channels_last and model.layout(x) is x  # on CPU the layout is left alone

