@@ -293,6 +293,9 @@ def _background(cfg: HilumConfig, address: str | None, resume: bool) -> None:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     cfg = resolve_paths(load_config(args.config, _shortcuts(args)))
+    record = JobRecord.load(cfg.run_dir)
+    if record is not None and job_state(cfg.run_dir, record) in ("PENDING", "RUNNING"):
+        raise ConfigError(f"run {cfg.run.name} is already running (job {record.job_id}): `hilum status {cfg.run_dir}`")
     latest = _latest_checkpoint(cfg)
     if latest:
         raise ConfigError(f"run {cfg.run.name} already has checkpoints (latest {latest}): `hilum resume {cfg.run_dir}` "
@@ -329,6 +332,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         error = driver_state(run_dir).get("error")
         if error:
             print(f"driver error: {error}")
+    starts = run_dir / "workers" / "rank0.jsonl"
+    if starts.is_file():
+        lines = [json.loads(line) for line in starts.read_text().splitlines() if line.strip()]
+        if len(lines) > 1:  # restarts: after failures (Ray Train) or by `hilum resume`
+            print(f"workers started {len(lines)} times; the last start continued after step {lines[-1]['from_step']} "
+                  f"on {lines[-1]['host']}")
     show(run_dir, watch=args.watch, interval_s=args.interval)
     return 0
 

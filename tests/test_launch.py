@@ -56,6 +56,7 @@ def test_launch_survives_a_dead_driver_and_stops_and_resumes(phantom_dir, tmp_pa
     wait_until(lambda: latest_step(run_dir) >= 2, "a first checkpoint")
     assert job_line(run_dir).startswith("job: RUNNING")
     assert "still running" in hilum("resume", str(run_dir), ok=False).stderr  # one driver per run
+    assert "already running" in hilum("launch", str(cfg), ok=False).stderr
 
     os.killpg(int(record.job_id), signal.SIGKILL)  # the driver dies with its workers: no word from it
     wait_until(lambda: "DIED" in job_line(run_dir), "the dead driver to show")
@@ -77,6 +78,7 @@ def test_launch_survives_a_dead_driver_and_stops_and_resumes(phantom_dir, tmp_pa
     assert steps[-2:] == [final - 1, final]
     starts = (run_dir / "workers" / "rank0.jsonl").read_text().splitlines()
     assert len(starts) == 3  # launched, resumed after the driver died, resumed after the stop
+    assert f"workers started 3 times; the last start continued after step {stopped_at}" in hilum("status", str(run_dir)).stdout
 
 
 def test_launch_submits_a_ray_job_to_a_cluster(phantom_dir, tmp_path, monkeypatch):

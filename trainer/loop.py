@@ -289,8 +289,7 @@ def save_checkpoint(w: Worker, state: TrainState) -> None:
     seconds = time.perf_counter() - t0
     if w.metrics:
         w.metrics.checkpoint_seconds.labels(**w.metrics.labels).set(seconds)
-        if w.info.is_main:
-            w.metrics.checkpoint_bytes.labels(**w.metrics.labels).set(w.store.size(w.store.find(state.step)))
+        w.metrics.checkpoint_bytes.labels(**w.metrics.labels).set(w.store.size(w.store.find(state.step)))
     log.info("checkpoint %s saved in %.1fs", redact_url(url), seconds)
 
 
@@ -464,9 +463,13 @@ def train(cfg: "HilumConfig", resume: bool = False, report: Reporter | None = No
     """
     w = build_worker(cfg)
     state = TrainState()
-    latest = w.store.latest_complete() if resume else None
-    if latest is not None:
-        state = resume_state(w, latest)
+    if resume:
+        latest = w.store.latest_complete()
+        # Rank 0's choice for every rank: a listing that raced a marker being written elsewhere
+        # must not leave ranks loading different checkpoints.
+        step = int(all_gather_floats(latest.step if latest else -1, w.device)[0])
+        if step >= 0:
+            state = resume_state(w, w.store.find(step))
     record_start(w, state.step)
 
     manifest = load_manifest(cfg.data.train_manifest, cfg.data.storage_options)
