@@ -60,8 +60,11 @@ def test_only_checkpoints_with_marker_count(store, tmp_path):
     assert store.size(store.find(5)) > 100
     with pytest.raises(FileNotFoundError, match="at step 15"):
         store.find(15)
+    checkpoint.local_copy(store, store.find(5))
     got = checkpoint.local_copy(store, store.find(10))
     assert sorted(p.name for p in got.iterdir()) == [checkpoint.COMPLETE, "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    if not store.is_local:  # downloaded into a node-local cache that keeps one checkpoint
+        assert [p.name for p in got.parent.iterdir()] == [checkpoint.tag_for(10)]
     store.remove(checkpoint.tag_for(5))
     assert [c.step for c in store.list_complete()] == [10]
 

@@ -275,6 +275,9 @@ def local_copy(store: CheckpointStore, ckpt: CheckpointInfo) -> Path:
         marker = store.fs.cat_file(f"{store.path_of(ckpt.tag)}/{COMPLETE}")
         if not ((cached / COMPLETE).is_file() and (cached / COMPLETE).read_bytes() == marker):
             store.download(ckpt.tag, cached)
+        for other in cached.parent.iterdir():  # one cached checkpoint per store and node is enough
+            if other != cached:
+                shutil.rmtree(other, ignore_errors=True)
     _barrier()
     return cached
 
