@@ -208,3 +208,27 @@ def test_crash_mid_checkpoint_save_resumes_from_the_previous_complete_one(phanto
     second = starts(run_dir, 0)[-1]
     assert len(starts(run_dir, 0)) == 2 and second["from_step"] == EVERY, out[-3000:]  # step 6 was never complete
     check_same_as_reference(cfg, run_dir, reference)
+
+
+def test_whole_run_killed_mid_checkpoint_save_is_resumed_by_hand(phantom_dir, tmp_path, s3_env, reference):
+    """No restarts configured (single-node launcher): the crash mid-save ends the run; the
+    half-written checkpoint stays invisible and `hilum resume` continues from the one before."""
+    from launch.config import load_config
+    from trainer.checkpoint import COMPLETE, store_for
+
+    env, endpoint = s3_env
+    cfg = config(phantom_dir, tmp_path, "runkill", endpoint, launcher="local")
+    once = tmp_path / "drill-fired"
+    proc = start(cfg, {**env, "HILUM_FAULT_DRILL": f"checkpoint_save:{2 * EVERY}:1:{once}"})
+    proc.wait(timeout=600)
+    assert proc.returncode != 0 and once.is_file(), cfg.with_suffix(".log").read_text()[-3000:]
+    store = store_for(load_config(cfg))
+    assert store.latest_complete().step == EVERY
+    half = store.path_of(f"step_{2 * EVERY:08d}")
+    assert store.fs.exists(half) and not store.fs.exists(f"{half}/{COMPLETE}")  # rank 1's part, no marker
+
+    run_dir = tmp_path / "runs" / "runkill"
+    out = subprocess.run([*HILUM, "resume", str(run_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"continuing at step {EVERY + 1}" in out.stderr
+    check_same_as_reference(cfg, run_dir, reference)
