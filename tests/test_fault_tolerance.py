@@ -150,17 +150,21 @@ def recovery_seconds(run_dir: Path, failed_at: float) -> float:
     return min(t for t in times if t > failed_at) - failed_at
 
 
-def test_killed_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(phantom_dir, tmp_path, s3_env, ray_cluster, reference):
-    from trainer.checkpoint import store_for
+def start_on_cluster(phantom_dir, tmp_path, s3_env, cluster, name: str, checkpoint_step: int):
+    """Start a run with two restarts allowed on the cluster; return once ``checkpoint_step`` is complete."""
     from launch.config import load_config
+    from trainer.checkpoint import store_for
 
     env, endpoint = s3_env
-    cluster, _ = ray_cluster
-    cfg = config(phantom_dir, tmp_path, "killed", endpoint, max_failures=2)
+    cfg = config(phantom_dir, tmp_path, name, endpoint, max_failures=2)
     store = store_for(load_config(cfg))
     proc = start(cfg, env, "--address", cluster.address)
-    wait_for_checkpoint(store, 2 * EVERY, proc, cfg)
-    run_dir = tmp_path / "runs" / "killed"
+    wait_for_checkpoint(store, checkpoint_step, proc, cfg)
+    return cfg, store, proc, tmp_path / "runs" / name
+
+
+def test_killed_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(phantom_dir, tmp_path, s3_env, ray_cluster, reference):
+    cfg, store, proc, run_dir = start_on_cluster(phantom_dir, tmp_path, s3_env, ray_cluster[0], "killed", 2 * EVERY)
     victim = starts(run_dir, 1)[-1]["pid"]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.time()
@@ -173,16 +177,8 @@ def test_killed_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(phantom_
 
 
 def test_removed_node_is_survived_on_the_other_node(phantom_dir, tmp_path, s3_env, ray_cluster, reference):
-    from trainer.checkpoint import store_for
-    from launch.config import load_config
-
-    env, endpoint = s3_env
     cluster, nodes = ray_cluster
-    cfg = config(phantom_dir, tmp_path, "node", endpoint, max_failures=2)
-    store = store_for(load_config(cfg))
-    proc = start(cfg, env, "--address", cluster.address)
-    wait_for_checkpoint(store, EVERY, proc, cfg)
-    run_dir = tmp_path / "runs" / "node"
+    cfg, _, proc, run_dir = start_on_cluster(phantom_dir, tmp_path, s3_env, cluster, "node", EVERY)
     lost = starts(run_dir, 0)[-1]["ray_node"]
     node = next(n for n in nodes if n.node_id == lost)
     cluster.remove_node(node)
