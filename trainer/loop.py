@@ -38,7 +38,7 @@ from trainer.distributed import WorkerInfo, all_gather_floats, all_reduce_mean, 
 from trainer.divergence import DivergenceEncoders
 from trainer.engine import build_engine, deepspeed_config, pick_device, pick_dtype
 from trainer.evaluate import evaluate
-from trainer.gradcache import gradcache_backward, num_chunks, objective_extras
+from trainer.gradcache import gradcache_backward, num_chunks, objective_extras, to_device
 from trainer.models.dual_encoder import build_model
 from trainer.objectives import ObjectiveInputs, build_objectives
 from trainer.timing import NO_TIMER, PhaseTimer
@@ -182,15 +182,6 @@ def side_inputs(w: Worker, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     for objective in w.objectives.values():
         side.update(objective.side_inputs(batch, w.device))
     return side
-
-
-def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Images (floating) in the training dtype, token ids and masks as they are.
-
-    Copied as they are and converted on the device: from pinned memory the copy does not block
-    the host (a no-op difference for pageable memory, where copies are synchronous anyway)."""
-    moved = t.to(device, non_blocking=True)
-    return moved.to(dtype) if t.is_floating_point() else moved
 
 
 def plain_backward(w: Worker, batch: tuple[torch.Tensor, ...], image_aug: torch.Tensor | None = None,
