@@ -46,7 +46,7 @@ sysdeps-test:
 	$(call need_packages,g++ prometheus)
 
 test: $(STAMP) sysdeps-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) data runs

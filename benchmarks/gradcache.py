@@ -79,6 +79,9 @@ def measure(args: argparse.Namespace) -> dict:
     raw["data"]["batch_size"] = args.batch
     raw["gradcache"] = {"enabled": args.gradcache, "chunk_size": min(args.chunk, args.batch)}
     raw["model"]["image"]["channels_last"] = args.channels_last == "on"
+    if args.zero is not None:
+        raw["train"]["zero_stage"] = args.zero
+    raw["train"]["cudnn_benchmark"] = args.cudnn_benchmark == "on"
     raw["monitoring"] = {"enabled": False}
     raw["run"]["output_dir"] = "/tmp/hilum-bench"
     cfg = build_config(raw)
@@ -113,12 +116,13 @@ def measure(args: argparse.Namespace) -> dict:
     seconds = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     phases = {}
-    if args.profile:  # one more step: its phases (synchronised at each end), then the kernels that dominate it
+    if args.profile or args.phases:  # one more step: its phases (synchronised at each end)
         from trainer.timing import PhaseTimer
 
         timer = PhaseTimer(w.device, enabled=True)
         train_step(w, batch, timer)
         phases = {k: round(v, 4) for k, v in timer.phases.items()}
+    if args.profile:  # and one more: the kernels that dominate it
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities) as prof:
             train_step(w, batch)
@@ -131,7 +135,8 @@ def measure(args: argparse.Namespace) -> dict:
             "batch": args.batch, "chunk": min(args.chunk, args.batch) if args.gradcache else None,
             "samples_per_s": args.batch / seconds, "step_s": seconds, "peak_extra_MiB": (peak - base) / 2**20,
             "loss": values["loss"], "threads": torch.get_num_threads(), "channels_last": args.channels_last,
-            "pinned": args.pin,
+            "pinned": args.pin, "zero_stage": cfg.train.zero_stage,
+            "cudnn_benchmark": args.cudnn_benchmark,
             **({"phases_s": phases} if phases else {})}
 
 
@@ -146,6 +151,9 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--channels-last", choices=["on", "off"], default="on", help="model.image.channels_last")
     p.add_argument("--pin", choices=["on", "off"], default="on", help="CUDA: the host batch in pinned memory, as the loader gives it")
+    p.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on", help="train.cudnn_benchmark")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="train.zero_stage (default: the config's, 2)")
+    p.add_argument("--phases", action="store_true", help="also time one step's phases")
     p.add_argument("--profile", action="store_true", help="also time one step's phases and print its top kernels")
     p.add_argument("--fixed-mmap", action="store_true",
                    help="CPU: fixed glibc mmap threshold, so freed activations leave the resident set and the "
@@ -171,8 +179,8 @@ def main() -> None:
     for batch, gradcache in runs:
         cmd = [sys.executable, __file__, "--one", "--model", args.model, "--batch", str(batch), "--chunk", str(args.chunk),
                "--steps", str(args.steps), "--data", args.data, "--channels-last", args.channels_last,
-               "--pin", args.pin]
-        cmd += (["--gradcache"] if gradcache else []) + (["--profile"] if args.profile else [])
+               "--pin", args.pin, "--cudnn-benchmark", args.cudnn_benchmark] + (["--zero", str(args.zero)] if args.zero is not None else [])
+        cmd += (["--gradcache"] if gradcache else []) + (["--profile"] if args.profile else []) + (["--phases"] if args.phases else [])
         env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if args.fixed_mmap else {})}
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         for line in proc.stdout.splitlines():

@@ -91,6 +91,10 @@ class DataSection(_Section):
         "auto", description="where JPEGs are decoded: gpu = batched nvJPEG on the training GPU (loader workers only "
                             "read and parse); cpu = PIL in the loader workers; auto = gpu on CUDA devices, else cpu"
     )
+    prefetch: int = Field(
+        2, ge=0, le=16, description="batches the training process prepares ahead (GPU decode, copy to the device) in a "
+                                    "background thread with its own CUDA stream; 0 prepares each batch inline"
+    )
     # Passed to fsspec for manifest and shard URLs, e.g. {endpoint_url: "http://minio:9000"} for an
     # S3-compatible store. Credentials come from the environment (AWS_ACCESS_KEY_ID, ...) or, here,
     # as references to environment variables ({key: "${MINIO_KEY}"}): never as literals, so a saved
@@ -167,6 +171,10 @@ class TrainSection(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on CUDA, fp32 on CPU"
+    )
+    cudnn_benchmark: bool = Field(
+        True, description="CUDA: let cuDNN time its convolution algorithms for each new input shape and keep the "
+                          "fastest (batch shapes are fixed here); off under run.deterministic"
     )
 
 

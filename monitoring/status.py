@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-PHASES = ("data", "forward", "loss", "backward", "optimizer", "divergence")
+PHASES = ("data", "forward", "loss", "replay", "backward", "optimizer", "divergence")  # replay: GradCache's second forward
 
 
 @dataclass

@@ -97,9 +97,9 @@ def test_a_jpeg_the_decoder_refuses_is_replaced_grey_and_counted(caplog):
     from trainer.data.augment import AugmentParams
 
     batch = {
-        "image": torch.zeros(2, 1, 16, 16),
-        "jpeg": {"index": [0, 1], "data": [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in (good, broken)],
-                 "params": [(AugmentParams(0, 0, 20, 30),)] * 2},
+        "jpeg": {"size": 2, "index": [0, 1], "data": torch.frombuffer(bytearray(good + broken), dtype=torch.uint8),
+                 "lengths": [len(good), len(broken)],
+                 "params": [(AugmentParams(0, 0, 20, 30),)] * 2, "decoded_rows": [], "decoded": None},
         "meta": [{"__key__": "good"}, {"__key__": "bad"}],
         "_skipped": {},
     }
@@ -112,3 +112,50 @@ def test_a_jpeg_the_decoder_refuses_is_replaced_grey_and_counted(caplog):
 def test_gpu_decode_on_a_cpu_device_is_refused_at_launch():
     with pytest.raises(ConfigError, match="data.decode"):
         build_config({"data": {"decode": "gpu"}, "cluster": {"device": "cpu"}})
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_batched_augmentation_equals_the_per_image_path(augment):
+    """Float64, awkward sizes (crops that shrink and crops that enlarge), and padding that must not
+    leak in: the batch gives what torchvision's per-image resized_crop + intensity ops give."""
+    from trainer.data.augment import apply_params, apply_params_batch, draw_params
+
+    g = torch.Generator().manual_seed(1)
+    spec = AugmentSpec(24, augment, crop_scale_min=0.3, brightness=0.3, contrast=0.3)
+    images = [torch.rand(1, 11 + 9 * i, 71 - 5 * i, generator=g, dtype=torch.float64) for i in range(9)]
+    params = [draw_params(spec, x.shape[1], x.shape[2], g) for x in images]
+    padded = torch.full((9, max(x.shape[1] for x in images), max(x.shape[2] for x in images)), 9.0, dtype=torch.float64)
+    for i, x in enumerate(images):
+        padded[i, : x.shape[1], : x.shape[2]] = x[0]
+    batch = apply_params_batch(spec, padded, params)
+    reference = torch.stack([apply_params(spec, x, p) for x, p in zip(images, params)])
+    assert batch.shape == (9, 1, 24, 24)
+    torch.testing.assert_close(batch, reference, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,progressive", [("L", False), ("L", True), ("RGB", False), ("RGB", True), ("CMYK", False)])
+def test_jpeg_frame_header_agrees_with_pil(mode, progressive):
+    from trainer.data.stream import jpeg_frame
+
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", progressive=progressive, quality=90)
+    precision, height, width, components = jpeg_frame(buf.getvalue())
+    assert (precision, width, height, components) == (8, *image.size, len(mode))
+
+
+def test_device_decode_takes_grey_and_colour_8_bit_jpegs_only():
+    pre = Preprocess(image_size=16, defer_jpeg=True)
+    meta = b'{"findings": "a b c"}'
+    rng = np.random.default_rng(3)
+    grey = _encoded(rng.integers(0, 255, (20, 30), dtype=np.uint8), "JPEG")
+    cmyk = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert("CMYK").save(cmyk, format="JPEG")
+    deferred, _, _ = pre({"__key__": "g", "jpg": grey, "json": meta}, torch.Generator())
+    on_cpu, _, _ = pre({"__key__": "c", "jpg": cmyk.getvalue(), "json": meta}, torch.Generator())
+    assert deferred.params[0].height <= 20 and isinstance(on_cpu, torch.Tensor)
+    garbage = b"\xff\xd8\xff\xe0\x00\x04ab" + bytes(50) + b"\xff\xd9"
+    with pytest.raises(ValueError, match="frame header") as err:
+        pre({"__key__": "x", "jpg": garbage, "json": meta}, torch.Generator())
+    assert err.value.reason == "bad_image"

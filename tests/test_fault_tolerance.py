@@ -60,8 +60,8 @@ def ray_cluster(s3_env):
     cluster.shutdown()
 
 
-def config(phantom_dir: Path, tmp_path: Path, name: str, endpoint: str, **cluster) -> Path:
-    raw = tiny_config(phantom_dir, tmp_path / "runs",
+def config(phantom_dir: Path, tmp_path: Path, name: str, endpoint: str, prefetch: int = 2, **cluster) -> Path:
+    raw = tiny_config(phantom_dir, tmp_path / "runs", data={"prefetch": prefetch},
                       run={"name": name, "deterministic": True, "checkpoint_dir": f"s3://{BUCKET}/{tmp_path.name}/{name}",
                            "storage_options": {"endpoint_url": endpoint}},
                       train={"max_steps": STEPS, "checkpoint_every": EVERY, "log_every": 1, "sample_log": True,
@@ -124,10 +124,12 @@ def final_parameters(cfg_path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(phantom_dir, tmp_path_factory, s3_env):
-    """The uninterrupted run, on the single-node launcher: the same arithmetic without Ray."""
+    """The uninterrupted run, on the single-node launcher: the same arithmetic without Ray, and
+    each batch prepared inline (``data.prefetch: 0``), so the runs compared with it also show that
+    the prefetch thread changes no batch and no order."""
     env, endpoint = s3_env
     tmp = tmp_path_factory.mktemp("reference")
-    cfg = config(phantom_dir, tmp, "reference", endpoint)
+    cfg = config(phantom_dir, tmp, "reference", endpoint, prefetch=0)
     finish(start(cfg, env, "--launcher", "local"), cfg)
     steps = trajectory(tmp / "runs" / "reference")
     keys = [k for s in range(1, STEPS + 1) for k in steps[s]]

@@ -157,9 +157,11 @@ def _bn_rank(rank, port, phantom_dir, run_root, queue):
     from launch.config import build_config
     from trainer.loop import build_worker, train_step
 
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
     results = {}
-    for gradcache in (False, True):
-        raw = tiny_config(phantom_dir, run_root, train={"zero_stage": 2, "precision": "bf16"}, monitoring={"enabled": False},
+    for gradcache, stage in ((False, 2), (True, 2), (True, 1), (True, 3)):
+        raw = tiny_config(phantom_dir, run_root, train={"zero_stage": stage, "precision": "bf16"}, monitoring={"enabled": False},
                           gradcache={"enabled": gradcache, "chunk_size": CHUNK})
         raw["model"]["image"] = {"model": "resnet10t", "kwargs": {}}
         w = build_worker(build_config(raw))
@@ -167,18 +169,30 @@ def _bn_rank(rank, port, phantom_dir, run_root, queue):
         bn = next(m for m in w.engine.module.image_tower.modules() if isinstance(m, torch.nn.BatchNorm2d))
         before = bn.running_mean.detach().float().clone()
         values = train_step(w, {"image": image, "input_ids": ids, "attention_mask": mask})
-        results[gradcache] = dict(loss=values["loss"], weight=str(bn.weight.dtype), stats=str(bn.running_mean.dtype),
-                                  moved=float((bn.running_mean.float() - before).abs().max()))
+        optimizer = w.engine.optimizer
+        accumulate = "fp32 (BF16_Optimizer)" if isinstance(optimizer, BF16_Optimizer) else str(optimizer.gradient_accumulation_dtype)
+        # Every parameter that is a whole number of 16-byte units sits at a 16-byte boundary (cuBLAS's
+        # fast kernels need it; DeepSpeed packs parameters back to back in each group's buffer).
+        misaligned = [n for n, p in w.engine.module.named_parameters() if p.numel() % 8 == 0 and p.data_ptr() % 16]
+        results[(gradcache, stage)] = dict(
+            misaligned=misaligned, loss=values["loss"], weight=str(bn.weight.dtype), stats=str(bn.running_mean.dtype),
+            moved=float((bn.running_mean.float() - before).abs().max()), accumulate=accumulate,
+            steps=w.engine.global_steps)
     queue.put(results)
 
 
 def test_batchnorm_tower_trains_in_bf16_plain_and_gradcache(phantom_dir, tmp_path):
-    """DeepSpeed casts parameters, not buffers, to bf16; a ResNet's batch norms must still run."""
+    """DeepSpeed casts parameters, not buffers, to bf16; a ResNet's batch norms must still run.
+    With GradCache, each stage sums the chunks' gradients in fp32 and steps once."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(_bn_rank, args=(free_port(), phantom_dir, tmp_path, queue), nprocs=1, start_method="spawn")
     results = queue.get()
-    for gradcache, r in results.items():
+    for (gradcache, stage), r in results.items():
         assert r["weight"] == r["stats"] == "torch.bfloat16", (gradcache, r)
         assert torch.isfinite(torch.tensor(r["loss"])), (gradcache, r)
         assert r["moved"] > 0, (gradcache, r)  # running statistics update in training mode
+        assert r["steps"] == 1, (gradcache, stage, r)
+        assert r["misaligned"] == [], (gradcache, stage, r["misaligned"][:5])
+        if gradcache:  # the chunks' gradients are summed in fp32, at every ZeRO stage that can
+            assert r["accumulate"] == ("fp32 (BF16_Optimizer)" if stage == 1 else "torch.float32"), (stage, r)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from trainer.gradcache import num_chunks
+
+log = logging.getLogger("hilum")
 
 if TYPE_CHECKING:  # the schema belongs to launch/, which trainer/ never imports at run time
     from launch.config import HilumConfig
@@ -47,7 +50,7 @@ def deepspeed_config(cfg: "HilumConfig", world_size: int, dtype: torch.dtype) ->
     if cfg.gradcache.enabled:
         micro = cfg.gradcache.chunk_size
         accumulate = num_chunks(cfg.data.batch_size, micro)
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulate,
         "train_batch_size": micro * accumulate * world_size,
@@ -73,16 +76,36 @@ def deepspeed_config(cfg: "HilumConfig", world_size: int, dtype: torch.dtype) ->
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if accumulate > 1 and dtype != torch.float32 and t.zero_stage >= 1:
+        # GradCache sums one backward per chunk. DeepSpeed accumulates in the training dtype unless
+        # told otherwise, and 256 bf16 additions drop the low bits of every chunk's share; fp32
+        # accumulation costs 4 bytes per (partitioned) parameter. At ZeRO-1 this also selects
+        # DeepSpeed's BF16_Optimizer, which reduces gradients once per step instead of per chunk.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+# Elements per alignment unit: 16 bytes in bf16/fp16 (32 in fp32), what cuBLAS's fast kernels need.
+ALIGN_ELEMENTS = 8
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: gains, biases and the temperature keep their scale (as open_clip does)."""
-    decay, no_decay = [], []
+    """Decay matrices only: gains, biases and the temperature keep their scale (as open_clip does).
+
+    Within each, parameters whose size is a whole number of 16-byte units come first, in a group
+    of their own: DeepSpeed's ZeRO-1/2 optimizers flatten each group into one buffer with the
+    parameters as views packed back to back, so one odd-sized parameter (the 1-element
+    temperature) moved every later one off 16-byte alignment. cuBLAS then runs a linear layer
+    whose bias is misaligned with a fallback kernel: BERT-base's 768→3072 layer over 65 536
+    tokens took 3.4 ms instead of 0.45 ms on an H200, 37 % of the whole plain step's GPU time.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((p.ndim >= 2, p.numel() % ALIGN_ELEMENTS == 0), []).append(p)
+    order = [(True, True), (True, False), (False, True), (False, False)]
+    return [{"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0} for key in order if key in groups]
 
 
 def build_engine(model: nn.Module, cfg: "HilumConfig", world_size: int, device: torch.device, dtype: torch.dtype):  # noqa: ANN201
@@ -96,6 +119,10 @@ def build_engine(model: nn.Module, cfg: "HilumConfig", world_size: int, device: 
         config=deepspeed_config(cfg, world_size, dtype),
     )
     match_norm_buffers(engine.module, dtype)
+    if cfg.gradcache.enabled and dtype != torch.float32 and cfg.train.zero_stage == 0:
+        log.warning("GradCache at ZeRO stage 0 sums its %d chunk gradients in %s (DeepSpeed has no fp32 accumulation "
+                    "without ZeRO): set train.zero_stage to 1 or more for fp32 accumulation",
+                    num_chunks(cfg.data.batch_size, cfg.gradcache.chunk_size), str(dtype).split(".")[-1])
     return engine
 
 

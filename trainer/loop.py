@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from monitoring.metrics import find_stragglers
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.data.device_decode import DeviceDecoder
+from trainer.data.prefetch import Batch, Prefetcher
 from trainer.data.shards import load_manifest
 from trainer.data.storage import redact_url
 from trainer.data.stream import (
@@ -113,6 +114,8 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     if cfg.run.deterministic:
         use_deterministic_algorithms()
+    else:
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     device = pick_device(cfg.cluster.device, info.local_rank)
     dtype = pick_dtype(cfg.train.precision, device)
@@ -137,7 +140,7 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     train_pre = Preprocess(d.image_size, d.in_chans, d.text, True, a.crop_scale_min, a.brightness, a.contrast,
                            defer_jpeg=on_device, views=views, findings=findings, labels=label_spec)
     eval_pre = Preprocess(d.image_size, d.in_chans, d.text, False)
-    decoder = DeviceDecoder(train_pre.augment_spec, d.in_chans, device) if on_device else None
+    decoder = DeviceDecoder(train_pre.augment_spec, d.in_chans, device, dtype) if on_device else None
     metrics = None
     if cfg.monitoring.enabled:
         from monitoring import WorkerMetrics
@@ -151,6 +154,28 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics, decoder, divergence,
                   second_view=any(o.second_view for o in objectives.values()), findings=findings,
                   labels=label_spec is not None, store=checkpoint.store_for(cfg))
+
+
+def prepare_batch(w: Worker, batch: Batch) -> Batch:
+    """What the training process does to a loader batch before its step: decode its JPEGs on the
+    device, and, for a plain step on a GPU, copy its tensors there (GradCache keeps the batch on
+    the host and moves one chunk at a time). Runs ahead of the step in the prefetch thread."""
+    if w.decoder is not None:
+        batch = w.decoder(batch)
+    if w.device.type == "cuda" and not w.cfg.gradcache.enabled:
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                batch[key] = to_device(value, w.device, w.dtype)
+    return batch
+
+
+def training_batches(w: Worker, stream: ShardStream) -> Prefetcher | Generator[Batch, None, None]:
+    """The loader's batches, prepared (:func:`prepare_batch`) ``data.prefetch`` batches ahead;
+    ``close()`` it before dropping it."""
+    loader = iter(make_loader(stream, pin_memory=w.device.type == "cuda" and w.decoder is None))
+    if w.cfg.data.prefetch == 0:
+        return (prepare_batch(w, batch) for batch in loader)
+    return Prefetcher(loader, partial(prepare_batch, w), w.device, w.cfg.data.prefetch)
 
 
 def weighted_objective(w: Worker, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -445,6 +470,37 @@ def record_start(w: Worker, step: int) -> None:
                 {"pid": os.getpid(), "host": os.uname().nodename, "ray_node": node, "time": time.time(), "from_step": step})
 
 
+def run_steps(w: Worker, state: TrainState, batches: Iterator[Batch], progress: Progress, workers: int,
+              report: Reporter | None) -> None:
+    """Training steps from ``state`` until ``train.max_steps``, with the checkpoints and evaluations
+    they fall on; ``state`` advances in place (step, stream position)."""
+    cfg = w.cfg
+    while state.step < cfg.train.max_steps:
+        timer = PhaseTimer(w.device, enabled=w.metrics is not None and cfg.monitoring.phase_timing)
+        t_data = time.perf_counter()
+        batch = next(batches)  # the data wait: nothing, when the prefetch keeps ahead of the steps
+        if batch["_epoch"] != state.position.epoch:
+            progress.epoch_done(state.position.epoch)
+        timer.mark("data")
+        t_step = time.perf_counter()
+        values = train_step(w, batch, timer)
+        state.step += 1
+        if cfg.train.sample_log:
+            append_line(w.run_dir / "samples" / f"rank{w.info.rank}.jsonl",
+                        {"step": state.step, "epoch": batch["_epoch"], "keys": [m["__key__"] for m in batch["meta"]]})
+        state.position = advance(state.position, batch, workers)
+        progress.step_done(state, batch, values, data_seconds=t_step - t_data, step_seconds=time.perf_counter() - t_data,
+                           report=report, phases=timer.phases)
+
+        every = cfg.train.checkpoint_every
+        if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
+            save_checkpoint(w, state)
+            progress.restart_window()  # checkpoint time is not training throughput
+        if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.max_steps:
+            run_eval(w, state.step)
+            progress.restart_window()
+
+
 def train(cfg: "HilumConfig", resume: bool = False, report: Reporter | None = None) -> dict[str, Any]:
     """Train on this rank until ``train.max_steps``; returns the final metrics (eval included).
 
@@ -477,34 +533,12 @@ def train(cfg: "HilumConfig", resume: bool = False, report: Reporter | None = No
     progress = Progress(w)
     stream = ShardStream(manifest, spec, w.train_preprocess, w.tokenize, w.info.rank, state.position,
                          storage_options=cfg.data.storage_options, epochs=None)
-    batches = iter(make_loader(stream, pin_memory=w.device.type == "cuda" and w.decoder is None))
-    while state.step < cfg.train.max_steps:
-        timer = PhaseTimer(w.device, enabled=w.metrics is not None and cfg.monitoring.phase_timing)
-        t_data = time.perf_counter()
-        batch = next(batches)
-        if w.decoder is not None:
-            batch = w.decoder(batch)  # part of the data wait: decode is data preparation
-        if batch["_epoch"] != state.position.epoch:
-            progress.epoch_done(state.position.epoch)
-        timer.mark("data")
-        t_step = time.perf_counter()
-        values = train_step(w, batch, timer)
-        state.step += 1
-        if cfg.train.sample_log:
-            append_line(w.run_dir / "samples" / f"rank{w.info.rank}.jsonl",
-                        {"step": state.step, "epoch": batch["_epoch"], "keys": [m["__key__"] for m in batch["meta"]]})
-        state.position = advance(state.position, batch, spec.workers)
-        progress.step_done(state, batch, values, data_seconds=t_step - t_data, step_seconds=time.perf_counter() - t_data,
-                           report=report, phases=timer.phases)
-
-        every = cfg.train.checkpoint_every
-        if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
-            save_checkpoint(w, state)
-            progress.restart_window()  # checkpoint time is not training throughput
-        if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.max_steps:
-            run_eval(w, state.step)
-            progress.restart_window()
-    del batches  # stops the loader processes
+    batches = training_batches(w, stream)
+    try:
+        run_steps(w, state, batches, progress, spec.workers, report)
+    finally:
+        batches.close()  # the prefetch thread first: it may be inside the loader's __next__
+        del batches  # stops the loader processes
     progress.epoch_done(state.position.epoch, finished=False)
 
     result = {"train": progress.last}

@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# The GPU measurements still open, in one device call (about 9 minutes on an H100/H200):
-#   anchor   open_clip ResNet-50 + BERT-base training step at batch 512 (the plain step to compare with)
-#   issue 3  data path: CPU decode at 4 loader workers and GPU decode at 1/2/4, local disk and moto S3;
-#            data wait in training (ResNet-50 + BERT-base, batch 512, from S3, GPU decode)
-#   issue 5  GradCache: ResNet-50 + BERT-base, effective batch 256 and 65536 (chunk 256) vs plain 512
-#   issue 6  divergence-encoder update, ResNet-50 + BERT-base (one rank)
-#   layout   issue 5's plain-step gap: plain 512 with phase times and top kernels, and GradCache 65536,
-#            each with images in channels-last memory and without (ONLY=anchor,layout)
-#   host     plain 512 with and without a pinned host batch, and GradCache 65536 pinned
-#            (ONLY=anchor,host; the 2026-11-26 run also tried torch's fused AdamW: no gain, removed)
+# GPU measurements, in one device call (about 8 minutes on an H100/H200), by section (ONLY=...):
+#   anchor     open_clip ResNet-50 + BERT-base training step at batch 512 (the plain step to compare with)
+#   data5      issue 3 as measured in session 5: CPU decode at 4 loader workers and GPU decode at 1/2/4,
+#              local disk and moto S3 (data_wait5: data wait in training, ResNet-50 + BERT-base, 512, S3)
+#   gradcache  issue 5: GradCache 256 and 65536 (chunk 256) vs plain 512
+#   divergence issue 6: divergence-encoder update, ResNet-50 + BERT-base (one rank)
+#   layout     plain 512 and GradCache 65536 with images in channels-last memory and without
+#   host       plain 512 with and without a pinned host batch, and GradCache 65536 pinned
+#              (the 2026-11-26 run also tried torch's fused AdamW: no gain, removed)
+#   plain      plain 512 at ZeRO-2 with phases and the top kernels (full table in $OUT/profile.txt),
+#              and at ZeRO-1 (session 6 also ran ZeRO-2 without cuDNN's autotuner: no difference)
+#   gcstage    GradCache 8192 (32 chunks of 256) at ZeRO-2 and ZeRO-1, with phases: the per-chunk
+#              cost of each stage's gradient accumulation
+#   gcbest     GradCache 65536 at whichever stage gcstage found faster (without gcstage: ZeRO-1, the
+#              faster one in session 6)
+#   data       issue 3 as built in session 6 (batched augmentation, prefetch thread, one tensor of JPEG
+#              bytes per batch): CPU and GPU decode at 4 workers, local and S3; data_wait: the same
+#              training run as data_wait5
+# Session 6 ran ONLY=anchor,plain,gcstage,data,data_wait (gcbest ran out of time). Next, after the
+# parameter-alignment fix: ONLY=anchor,plain,gcbest,data,data_wait (the default; about 8 minutes).
 # Prepare here: bash benchmarks/gpu/wheels.sh and the anchors' wheels (../shared/anchors/README.md,
 # into .anchors); then run on the device with carry [".gpu", ".anchors"]:
-#   bash benchmarks/gpu/pending.sh            (JSON lines land in $OUT; copy them to benchmarks/results/)
+#   bash benchmarks/gpu/pending.sh > $OUT/log.txt 2>&1; tail -40 $OUT/log.txt
+# (JSON lines land in $OUT; copy them to benchmarks/results/; the log survives a timeout)
 # SMOKE=1 shrinks every size so that the script can be tried on a CPU machine first.
 set -u
 cd "$(dirname "$0")/../.."
@@ -27,17 +38,21 @@ python3 -c "import torch, triton, deepspeed, s3fs; print('torch', torch.__versio
 T0=$(date +%s)
 step() { echo "== $1: $(( $(date +%s) - T0 )) s"; }
 quiet() { grep -v -i "warn" | cut -c1-300; }
-ONLY=${ONLY:-anchor,data,gradcache,data_wait,divergence}  # a subset, e.g. ONLY=gradcache,data_wait
+ONLY=${ONLY:-anchor,plain,gcbest,data,data_wait}  # a subset, e.g. ONLY=gradcache,data_wait
 run() { [[ ",$ONLY," == *",$1,"* ]]; }
 if [ "${SMOKE:-0}" = 1 ]; then
   DATA="--samples 128 --batches 2 --batch 16 --decode-device cpu"; ANCHOR=""; WAIT="--model tiny --batch 16 --steps 4 --window 2 --samples 128"
   GC="--model tiny --batches 32,64 --plain-batches 32 --chunk 16"; DIV="--model small --ranks 1 --steps 1"
   LAYOUT_PLAIN="--model tiny --plain-batches 32 --batches ''"; LAYOUT_GC="--model tiny --plain-batches '' --batches 64 --chunk 16"
+  STAGE_GC="--model tiny --plain-batches '' --batches 64 --chunk 16"; BEST_GC="$LAYOUT_GC"
+  DATA6="--samples 128 --batches 2 --batch 16 --decode-device cpu --workers 2 --gpu-workers 2"
 else
   DATA="--samples 1024"; ANCHOR=512; WAIT="--model resnet50-bert --batch 512 --steps 30 --window 10"
   GC="--model resnet50-bert --batches 256,65536 --plain-batches 512 --chunk 256"; DIV="--model resnet50-bert --ranks 1 --steps 5"
   LAYOUT_PLAIN="--model resnet50-bert --plain-batches 512 --batches ''"
   LAYOUT_GC="--model resnet50-bert --plain-batches '' --batches 65536 --chunk 256"
+  STAGE_GC="--model resnet50-bert --plain-batches '' --batches 8192 --chunk 256"; BEST_GC="$LAYOUT_GC"
+  DATA6="--samples 1024 --workers 4 --gpu-workers 4"
 fi
 
 if [ -n "$ANCHOR" ] && run anchor; then
@@ -45,7 +60,7 @@ if [ -n "$ANCHOR" ] && run anchor; then
     2>&1 | quiet | tee "$OUT/anchor.jsonl"
   step anchor
 fi
-if run data; then
+if run data5; then
   timeout 140 python3 benchmarks/data_throughput.py $DATA --sources local,s3 --workers 4 --gpu-workers 1,2,4 \
     --cache /tmp/hilum-bench-data --out "$OUT/data.jsonl" 2>&1 | quiet
   step data
@@ -54,7 +69,7 @@ if run gradcache; then
   timeout 210 python3 benchmarks/gradcache.py $GC --steps 1 --out "$OUT/gradcache.jsonl" 2>&1 | quiet
   step gradcache
 fi
-if run data_wait; then
+if run data_wait5; then
   timeout 95 python3 benchmarks/data_wait.py $WAIT --source s3 --cache /tmp/hilum-bench-data --out "$OUT/data.jsonl" 2>&1 \
     | grep -E "step [0-9]+/|data_wait|Error|error" | quiet
   step data_wait
@@ -82,4 +97,37 @@ if run host; then
   done
   eval timeout 200 python3 benchmarks/gradcache.py $LAYOUT_GC --steps 1 --pin on --out "$OUT/host.jsonl" 2>&1 | quiet
   step "host gradcache pinned"
+fi
+if run plain; then
+  eval timeout 75 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --profile --zero 2 --out "$OUT/plain.jsonl" 2>&1 \
+    | quiet > "$OUT/profile.txt"
+  grep -E "^\{|Self CUDA time|Self CPU time|Error" "$OUT/profile.txt"
+  step "plain zero 2 (profiled)"
+  eval timeout 45 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --phases --zero 1 --out "$OUT/plain.jsonl" 2>&1 | quiet
+  step "plain zero 1"
+fi
+if run gcstage; then
+  for z in 2 1; do
+    eval timeout 75 python3 benchmarks/gradcache.py $STAGE_GC --steps 1 --phases --zero $z --out "$OUT/gcstage.jsonl" 2>&1 | quiet
+    step "gradcache stage $z"
+  done
+fi
+if run gcbest; then
+  BEST=$(python3 -c "
+import json, sys
+rows = [json.loads(l) for l in open('$OUT/gcstage.jsonl')] if __import__('os').path.exists('$OUT/gcstage.jsonl') else []
+rows = [r for r in rows if 'samples_per_s' in r]
+print(max(rows, key=lambda r: r['samples_per_s'])['zero_stage'] if rows else 1)")
+  eval timeout 150 python3 benchmarks/gradcache.py $BEST_GC --steps 1 --phases --zero $BEST --out "$OUT/gcbest.jsonl" 2>&1 | quiet
+  step "gradcache best (zero $BEST)"
+fi
+if run data; then  # the new decode path (batched augmentation, prefetch thread, packed bytes)
+  timeout 150 python3 benchmarks/data_throughput.py $DATA6 --sources local,s3 --cache /tmp/hilum-bench-data \
+    --out "$OUT/data6.jsonl" 2>&1 | quiet
+  step data
+fi
+if run data_wait; then  # with data.prefetch = 2 (the default now)
+  timeout 95 python3 benchmarks/data_wait.py $WAIT --source s3 --cache /tmp/hilum-bench-data --out "$OUT/data6.jsonl" 2>&1 \
+    | grep -E "step [0-9]+/|data_wait|Error|error" | quiet
+  step data_wait
 fi
