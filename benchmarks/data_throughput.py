@@ -87,8 +87,8 @@ def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int,
 
     manifest = load_manifest(manifest_url, storage)
     pre = Preprocess(image_size, 1, "report", True, 0.8, 0.1, 0.1, defer_jpeg=gpu)
-    device = torch.device(decode_device)
-    decode = DeviceDecoder(pre.augment_spec, 1, device) if gpu else None
+    device = torch.device("cpu" if decode_device == "none" else decode_device)
+    decode = DeviceDecoder(pre.augment_spec, 1, device) if gpu and decode_device != "none" else None
     spec = StreamSpec(batch, 1, workers, seed=0, shuffle=True, shuffle_buffer=256)
     stream = ShardStream(manifest, spec, pre, Tokenize(str(tokenizer), 128), storage_options=storage, epochs=None)
     warm = max(1, workers)
@@ -133,7 +133,8 @@ def main() -> None:
     p.add_argument("--s3-endpoint", help="use this S3 endpoint (credentials: AWS_* environment) instead of a moto server")
     p.add_argument("--cache", default="/tmp/hilum-bench-data", help="where the generated data set is kept between runs")
     p.add_argument("--decode-device", default="cuda",
-                   help="device of the --gpu-workers runs: cuda, or cpu to try the batched device path without a GPU")
+                   help="device of the --gpu-workers runs: cuda; cpu to try the batched device path without a GPU; "
+                        "none for the loader alone (workers parse and ship the JPEG bytes, nothing decodes them)")
     p.add_argument("--out", type=Path, help="append JSON lines here")
     args = p.parse_args()
 
@@ -162,9 +163,9 @@ def main() -> None:
             fs.mkdir(bucket)
             fs.put(str(shards) + "/", f"{bucket}/shards/", recursive=True)
             urls["s3"] = (f"s3://{bucket}/shards/train.json", storage)
-        plans = [(src, w, False) for src in sources for w in map(int, args.workers.split(","))]
+        plans = [(src, int(w), False) for src in sources for w in args.workers.split(",") if w]
         if torch.cuda.is_available() or args.decode_device != "cuda":
-            plans += [(src, w, True) for src in sources for w in map(int, args.gpu_workers.split(","))]
+            plans += [(src, int(w), True) for src in sources for w in args.gpu_workers.split(",") if w]
         for src, workers, gpu in plans:
             url, storage = urls[src]
             try:
@@ -172,7 +173,9 @@ def main() -> None:
                                 args.decode_device)
             except Exception as err:  # one failing configuration must not cost the others' figures
                 r = {"error": f"{type(err).__name__}: {err}"[:300]}
-            decode = f"device:{args.decode_device}" if gpu and args.decode_device != "cuda" else "gpu" if gpu else "cpu"
+            decode = "cpu"
+            if gpu:
+                decode = {"cuda": "gpu", "none": "none (loader only)"}.get(args.decode_device, f"device:{args.decode_device}")
             record({"bench": "stream", **stamp, "source": src, "decode": decode, "workers": workers,
                     "batch": args.batch, "image_size": args.image_size, "stored_size": args.size, **r}, args.out)
 

@@ -114,7 +114,7 @@ class Prefetcher:
                 t.record_stream(stream)
         return batch
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         """Stops the thread (after the batch it is preparing, if any) and drops what it prepared."""
         self.stop.set()
         while self.thread.is_alive():
