@@ -14,9 +14,15 @@ per value (2 in bf16, 4 in fp32), and the collectives DeepSpeed 0.19 actually is
 * ZeRO-3: gradients reduce-scattered, parameters above the persistence threshold (Ψ_g of them)
   gathered for the forward and again for the backward, the persistent rest all-gathered after
   the step: (N−1)/N·(2Ψ + Ψ_g)·p;
-* contrastive loss, per tower: the features all-gathered, (N−1)·b·d·4 bytes (fp32 features), and
-  their gradient all-reduced on the way back, 2·(N−1)·b·d·4 (trainer.distributed.gather_with_grad:
-  one all-reduce works on every backend, where a reduce-scatter would send half as much).
+* contrastive loss, per tower: the features all-gathered, (N−1)·b·d·p bytes (features stay in the
+  training dtype), and their gradient all-reduced on the way back, 2·(N−1)·b·d·p
+  (trainer.distributed.gather_with_grad: one all-reduce works on every backend, where a
+  reduce-scatter would send half as much).
+
+Under GradCache (``--chunks C``: C chunks per rank's batch; DeepSpeed accumulates C micro-steps)
+ZeRO-0 and ZeRO-1 still reduce the gradients once per step, but ZeRO-2 partitions gradients and so
+reduces every chunk's as it is produced: (2C + 1)·(N−1)/N·Ψ·p. Gradients travel in the training
+dtype even where hilum sums them in fp32. ZeRO-3 under GradCache is measured, not modelled.
 
 ``measure`` runs the real training step on N CPU ranks (gloo) with every torch.distributed
 collective wrapped to count those bytes, and prints measured against predicted per step.
@@ -36,14 +42,21 @@ sys.path.insert(0, str(ROOT))
 
 
 def bytes_per_step(psi: int, b: int, d: int, n: int, stage: int, p: int = 2, towers: int = 2,
-                   gathered: int | None = None) -> dict[str, float]:
-    """Bytes one rank sends per step (see the module docstring); ``gathered``: Ψ_g for ZeRO-3."""
+                   gathered: int | None = None, chunks: int = 1) -> dict[str, float]:
+    """Bytes one rank sends per step (see the module docstring); ``gathered``: Ψ_g for ZeRO-3;
+    ``chunks``: GradCache chunks per rank's batch (1: a plain step)."""
     share = (n - 1) / n
     if stage == 3:
+        if chunks > 1:
+            raise ValueError("ZeRO-3 under GradCache is not modelled (measure it: `scaling.py measure --stage 3 --chunks C`)")
         params = share * (2 * psi + (psi if gathered is None else gathered)) * p
+    elif stage == 2:  # gradients reduced at every chunk's backward, updated partitions gathered once
+        params = share * (2 * chunks + 1) * psi * p
+    elif stage == 1:  # gradients reduced once per step, whatever the number of chunks
+        params = 3 * share * psi * p
     else:
-        params = (2.0 if stage == 0 else 3.0) * share * psi * p
-    contrastive = towers * 3 * (n - 1) * b * d * 4
+        params = 2 * share * psi * p
+    contrastive = towers * 3 * (n - 1) * b * d * p  # features in the training dtype
     return {"params": params, "contrastive": contrastive, "total": params + contrastive}
 
 
@@ -60,15 +73,16 @@ A100_BF16_TFLOPS = 312.0
 
 
 def predict(psi: int, gathered: int, b: int, d: int, stage: int, step_s: float, gpus: list[int],
-            overlap: float) -> list[dict[str, float]]:
+            overlap: float, chunks: int = 1) -> list[dict[str, float]]:
     """Step time and weak-scaling efficiency at each size. ``step_s``: one GPU's step at batch ``b``;
     ``overlap``: the share of the gradient reduce-scatter hidden behind the backward (DeepSpeed's
     overlap_comm); parameter all-gathers and the contrastive collectives are counted as exposed."""
     rows = []
     for n in gpus:
-        comm = bytes_per_step(psi, b, d, n, stage, gathered=gathered)
+        comm = bytes_per_step(psi, b, d, n, stage, gathered=gathered, chunks=chunks)
         bandwidth = (INTRA_NODE_GBPS if n <= GPUS_PER_NODE else INTER_NODE_GBPS) * 1e9
-        grads = (1.0 if stage == 3 else 2.0) * (n - 1) / n * psi * 2  # the gradient reduction's share
+        reductions = chunks if stage == 2 else 1  # ZeRO-2 reduces every GradCache chunk's gradients
+        grads = (1.0 if stage == 3 else 2.0) * reductions * (n - 1) / n * psi * 2  # the gradient reduction's share
         exposed = (comm["params"] - overlap * grads + comm["contrastive"]) / bandwidth
         # The loss over the global batch: b x (n·b) logits, forward and backward (3 matmuls of 2·b·n·b·d),
         # for both directions' shared matrix, at 40 % of peak; one GPU already pays for b x b.
@@ -109,10 +123,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"ResNet-50 + BERT-base: {psi / 1e6:.1f} M trainable parameters ({gathered / 1e6:.1f} M above ZeRO-3's "
           f"persistence threshold); b={args.batch}/GPU, d={args.dim}, "
           f"one GPU's step {args.step_s:.2f}s")
+    if args.chunks > 1:
+        print(f"GradCache: {args.batch} samples per GPU in {args.chunks} chunks")
     for stage in args.stages:
+        if stage == 3 and args.chunks > 1:
+            print("\nZeRO-3: not modelled under GradCache (measure it)")
+            continue
         print(f"\nZeRO-{stage}")
         print(f"{'GPUs':>5} {'MB/rank/step':>13} {'params':>8} {'contrastive':>12} {'comm s':>8} {'loss s':>8} {'step s':>8} {'efficiency':>10}")
-        for r in predict(psi, gathered, args.batch, args.dim, stage, args.step_s, args.gpus, args.overlap):
+        for r in predict(psi, gathered, args.batch, args.dim, stage, args.step_s, args.gpus, args.overlap, args.chunks):
             print(f"{r['gpus']:>5} {r['bytes_per_rank_MB']:>13.0f} {r['params_MB']:>8.0f} {r['contrastive_MB']:>12.0f} "
                   f"{r['comm_s']:>8.3f} {r['loss_extra_s']:>8.4f} {r['step_s']:>8.3f} {100 * r['efficiency']:>9.1f}%")
 
@@ -163,6 +182,9 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Path)
     raw["model"]["text"]["tokenizer"] = str(Path(args.data) / "tokenizer")
     raw["data"]["batch_size"] = args.batch
     raw["train"]["zero_stage"] = args.stage
+    raw["train"]["precision"] = args.precision
+    if args.chunks > 1:
+        raw["gradcache"] = {"enabled": True, "chunk_size": -(-args.batch // args.chunks)}
     raw["monitoring"] = {"enabled": False}
     raw["cluster"]["cpus_per_worker"] = max(1, (os.cpu_count() or 1) // world)
     raw["run"]["output_dir"] = "/tmp/hilum-bench"
@@ -182,9 +204,10 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Path)
     if rank == 0:
         sizes = [getattr(p, "ds_numel", p.numel()) for p in w.engine.module.parameters() if p.requires_grad]
         psi = sum(sizes)
-        predicted = bytes_per_step(psi, args.batch, cfg.model.embed_dim, world, args.stage, p=4,
-                                   gathered=gathered_parameters(sizes))
+        predicted = bytes_per_step(psi, args.batch, cfg.model.embed_dim, world, args.stage, p=w.dtype.itemsize,
+                                   gathered=gathered_parameters(sizes), chunks=args.chunks)
         out.write_text(json.dumps({"ranks": world, "stage": args.stage, "parameters": psi, "batch_per_rank": args.batch,
+                                   "precision": str(w.dtype).split(".")[-1], "gradcache_chunks": args.chunks,
                                    "measured_bytes": SENT["bytes"] / args.steps, "predicted_bytes": predicted["total"],
                                    "step_s": seconds}))
 
@@ -224,12 +247,15 @@ def main() -> None:
     p.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--overlap", type=float, default=0.0, help="share of the gradient reduce-scatter hidden by the backward")
+    p.add_argument("--chunks", type=int, default=1, help="GradCache chunks per GPU's batch (--step-s: one GPU's GradCache step)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("measure")
     p.add_argument("--ranks", type=int, nargs="+", default=[2])
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--chunks", type=int, default=1, help="GradCache chunks per rank's batch (1: a plain step)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--data", default="/tmp/hilum-bench-data/scaling")
     p.add_argument("--out", help="append results (JSON lines) here")
     p.set_defaults(func=cmd_measure)

@@ -119,10 +119,14 @@ def build_engine(model: nn.Module, cfg: "HilumConfig", world_size: int, device: 
         config=deepspeed_config(cfg, world_size, dtype),
     )
     match_norm_buffers(engine.module, dtype)
+    chunks = num_chunks(cfg.data.batch_size, cfg.gradcache.chunk_size)
     if cfg.gradcache.enabled and dtype != torch.float32 and cfg.train.zero_stage == 0:
         log.warning("GradCache at ZeRO stage 0 sums its %d chunk gradients in %s (DeepSpeed has no fp32 accumulation "
                     "without ZeRO): set train.zero_stage to 1 or more for fp32 accumulation",
-                    num_chunks(cfg.data.batch_size, cfg.gradcache.chunk_size), str(dtype).split(".")[-1])
+                    chunks, str(dtype).split(".")[-1])
+    if cfg.gradcache.enabled and cfg.train.zero_stage == 2 and world_size > 1 and chunks > 1:
+        log.warning("GradCache at ZeRO stage 2 reduces the gradients of each of its %d chunks across ranks; ZeRO-1 "
+                    "reduces once per step (README, Scaling): consider train.zero_stage: 1", chunks)
     return engine
 
 
