@@ -79,8 +79,8 @@ def deepspeed_config(cfg: "HilumConfig", world_size: int, dtype: torch.dtype) ->
     if accumulate > 1 and dtype != torch.float32 and t.zero_stage >= 1:
         # GradCache sums one backward per chunk. DeepSpeed accumulates in the training dtype unless
         # told otherwise, and 256 bf16 additions drop the low bits of every chunk's share; fp32
-        # accumulation costs 4 bytes per (partitioned) parameter. At ZeRO-1 this also selects
-        # DeepSpeed's BF16_Optimizer, which reduces gradients once per step instead of per chunk.
+        # accumulation costs 4 bytes per (partitioned) parameter. At ZeRO-1 DeepSpeed does this
+        # through its BF16_Optimizer (tested in tests/test_gradcache.py).
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 

@@ -14,7 +14,7 @@ APIs drop the CUDA RNG state. One step:
    ``engine.backward``, and call ``engine.step()``: the engine runs with
    ``gradient_accumulation_steps = number of chunks``, so the optimizer steps once per batch
    and no chunk's gradient is lost or reduced twice at any ZeRO stage: ZeRO-1 reduces the
-   chunks' fp32 sum once per step; ZeRO-2/3 partition gradients, so DeepSpeed reduce-scatters
+   chunks' summed gradient once per step; ZeRO-2/3 partition gradients, so DeepSpeed reduces
    each chunk's gradient as it is produced and sums the partitions.
 
 The surrogate's gradient is exactly the gradient of the full-batch loss, and the temperature's
