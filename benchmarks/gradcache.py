@@ -96,6 +96,9 @@ def measure(args: argparse.Namespace) -> dict:
         "input_ids": torch.randint(5, len(w.tokenize.tokenizer), (args.batch, d.context_length)),
         "attention_mask": torch.ones(args.batch, d.context_length, dtype=torch.long),
     }
+    if args.padded == "on":  # reports of 24 tokens to the full context, as real batches are padded
+        lengths = torch.randint(24, d.context_length + 1, (args.batch, 1), generator=torch.Generator().manual_seed(0))
+        batch["attention_mask"] = (torch.arange(d.context_length)[None] < lengths).long()
     cuda = w.device.type == "cuda"
     if cuda and args.pin == "on":  # as the training loader delivers batches to CUDA workers (pin_memory)
         batch = {k: v.pin_memory() for k, v in batch.items()}
@@ -135,7 +138,7 @@ def measure(args: argparse.Namespace) -> dict:
             "batch": args.batch, "chunk": min(args.chunk, args.batch) if args.gradcache else None,
             "samples_per_s": args.batch / seconds, "step_s": seconds, "peak_extra_MiB": (peak - base) / 2**20,
             "loss": values["loss"], "threads": torch.get_num_threads(), "channels_last": args.channels_last,
-            "pinned": args.pin, "zero_stage": cfg.train.zero_stage,
+            "pinned": args.pin, "padded": args.padded, "zero_stage": cfg.train.zero_stage,
             "cudnn_benchmark": args.cudnn_benchmark,
             **({"phases_s": phases} if phases else {})}
 
@@ -152,6 +155,9 @@ def main() -> None:
     p.add_argument("--channels-last", choices=["on", "off"], default="on", help="model.image.channels_last")
     p.add_argument("--pin", choices=["on", "off"], default="on", help="CUDA: the host batch in pinned memory, as the loader gives it")
     p.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on", help="train.cudnn_benchmark")
+    p.add_argument("--padded", choices=["on", "off"], default="off",
+                   help="attention masks with padding (24 to context_length tokens) as real reports have; off: all "
+                        "tokens real, as the open_clip anchor's batch")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="train.zero_stage (default: the config's, 2)")
     p.add_argument("--phases", action="store_true", help="also time one step's phases")
     p.add_argument("--profile", action="store_true", help="also time one step's phases and print its top kernels")
@@ -179,7 +185,7 @@ def main() -> None:
     for batch, gradcache in runs:
         cmd = [sys.executable, __file__, "--one", "--model", args.model, "--batch", str(batch), "--chunk", str(args.chunk),
                "--steps", str(args.steps), "--data", args.data, "--channels-last", args.channels_last,
-               "--pin", args.pin, "--cudnn-benchmark", args.cudnn_benchmark] + (["--zero", str(args.zero)] if args.zero is not None else [])
+               "--pin", args.pin, "--cudnn-benchmark", args.cudnn_benchmark, "--padded", args.padded] + (["--zero", str(args.zero)] if args.zero is not None else [])
         cmd += (["--gradcache"] if gradcache else []) + (["--profile"] if args.profile else []) + (["--phases"] if args.phases else [])
         env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if args.fixed_mmap else {})}
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)

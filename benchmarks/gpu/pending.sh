@@ -9,7 +9,9 @@
 #   host       plain 512 with and without a pinned host batch, and GradCache 65536 pinned
 #              (the 2026-11-26 run also tried torch's fused AdamW: no gain, removed)
 #   plain      plain 512 at ZeRO-2 with phases and the top kernels (full table in $OUT/profile.txt),
-#              and at ZeRO-1 (session 6 also ran ZeRO-2 without cuDNN's autotuner: no difference)
+#              at ZeRO-1, and at ZeRO-2 with padded reports (real batches are padded; the in-memory
+#              batches and the anchor's are not: is that the data_wait run's slower step?)
+#              (session 6 also ran ZeRO-2 without cuDNN's autotuner: no difference)
 #   gcstage    GradCache 8192 (32 chunks of 256) at ZeRO-2 and ZeRO-1, with phases: the per-chunk
 #              cost of each stage's gradient accumulation
 #   gcbest     GradCache 65536 at whichever stage gcstage found faster (without gcstage: ZeRO-1, the
@@ -105,6 +107,9 @@ if run plain; then
   step "plain zero 2 (profiled)"
   eval timeout 45 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --phases --zero 1 --out "$OUT/plain.jsonl" 2>&1 | quiet
   step "plain zero 1"
+  eval timeout 45 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --phases --zero 2 --padded on \
+    --out "$OUT/plain.jsonl" 2>&1 | quiet
+  step "plain zero 2, padded text"
 fi
 if run gcstage; then
   for z in 2 1; do
