@@ -42,19 +42,16 @@ class DeviceDecoder:
         pending = batch.pop("jpeg", None)
         if pending is None:
             return batch
+        # collate_images writes a "jpeg" entry only for a batch with at least one pending row
         size, rows, decoded_rows = pending["size"], pending["index"], pending["decoded_rows"]
-        views = len(pending["params"][0]) if rows else pending["decoded"].shape[1]  # one of them is there
-        image = None  # (pending rows, views, C, S, S)
-        if rows:
-            pixels = self._decode(list(torch.split(pending["data"], pending["lengths"])), rows, batch)
-            image = torch.stack([self._augment(pixels, [p[view] for p in pending["params"]]) for view in range(views)], 1)
-        if rows != list(range(size)):  # some rows were decoded in the worker (PNG, 16-bit, CMYK)
-            full = torch.zeros(size, views, self.in_chans, self.spec.image_size, self.spec.image_size,
-                               device=self.device, dtype=self.dtype)
-            if rows:
-                full[torch.tensor(rows, device=self.device)] = image
-            if decoded_rows:
-                full[torch.tensor(decoded_rows, device=self.device)] = pending["decoded"].to(self.device, self.dtype)
+        views = len(pending["params"][0])
+        pixels = self._decode(list(torch.split(pending["data"], pending["lengths"])), rows, batch)
+        # (pending rows, views, C, S, S)
+        image = torch.stack([self._augment(pixels, [p[view] for p in pending["params"]]) for view in range(views)], 1)
+        if decoded_rows:  # some rows were decoded in the worker (PNG, 16-bit, CMYK)
+            full = torch.empty(size, *image.shape[1:], device=self.device, dtype=self.dtype)
+            full[torch.tensor(rows, device=self.device)] = image
+            full[torch.tensor(decoded_rows, device=self.device)] = pending["decoded"].to(self.device, self.dtype)
             image = full
         batch["image"] = image[:, 0]
         if views > 1:
