@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cluster.quick_exit import freeze_at_exit
+
 if TYPE_CHECKING:
     from launch.config import HilumConfig
 
@@ -24,6 +26,7 @@ def free_port() -> int:
 
 
 def _worker(local_rank: int, world_size: int, port: int, cfg: "HilumConfig", resume: bool, queue: Any) -> None:
+    freeze_at_exit()
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world_size),

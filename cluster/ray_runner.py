@@ -26,12 +26,15 @@ def _use_gpu(cfg: "HilumConfig") -> bool:
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
+    from cluster.quick_exit import freeze_at_exit
+
     from trainer.loop import train
 
     # Always "resume from the latest complete checkpoint, if any": the launcher has refused a fresh
     # run into a store that holds checkpoints, so at the first start this finds none (or the one
     # `hilum resume` asked for), and after a failure, when Ray Train's FailureConfig restarts the
     # worker group with the same arguments, it finds the newest one.
+    freeze_at_exit()
     result = train(loop_config["cfg"], resume=True, report=lambda metrics: ray.train.report(metrics))
     if result.get("eval"):
         ray.train.report({**result.get("train", {}), "eval": result["eval"]})
@@ -48,6 +51,12 @@ def worker_env() -> dict[str, str]:
     return {**WORKER_ENV, **{k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
 
 
+def ray_address(cfg: "HilumConfig") -> str | None:
+    """The cluster to join: ``cluster.address``, else ``RAY_ADDRESS`` (which ``ray job submit``
+    sets for its entrypoint), else None for an embedded local Ray."""
+    return cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def run_ray(cfg: "HilumConfig", resume: bool = False) -> dict[str, Any]:
     """Train on Ray (``resume`` is implied: see ``_ray_worker``)."""
     import ray
@@ -56,13 +65,16 @@ def run_ray(cfg: "HilumConfig", resume: bool = False) -> dict[str, Any]:
 
     from trainer.engine import dist_backend
 
-    address = cfg.cluster.address
+    address = ray_address(cfg)
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
             cpus = max(os.cpu_count() or 1, int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999))
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+            # "local", not None: Ray's None joins the cluster that `ray start` last recorded under
+            # /tmp/ray (and then refuses num_cpus), so a run meant to be embedded would land on it.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+                     configure_logging=False)
     use_gpu = _use_gpu(cfg)
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     trainer = TorchTrainer(

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.quick_exit import freeze_at_exit
 from launch.config import RESOLVED_CONFIG, ConfigError, HilumConfig, dump_config, load_config, load_run_config, resolve_paths
 from launch.jobs import JOB_FILE, JobRecord, driver_state, job_state, mark_driver, stop, submit
 from trainer.data.storage import redact_url
@@ -424,6 +425,7 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    freeze_at_exit()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

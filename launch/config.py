@@ -194,7 +194,8 @@ class ClusterSection(_Section):
     num_workers: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0.0)
-    address: str | None = Field(None, description="Ray cluster address; None starts an embedded local Ray")
+    address: str | None = Field(
+        None, description="Ray cluster address; None: RAY_ADDRESS if set, else an embedded local Ray")
     max_failures: int = Field(
         0, ge=-1, description="Ray launcher: restarts of the worker group after a worker or node fails, each from the "
                               "latest complete checkpoint (Ray Train's FailureConfig); -1: unlimited"

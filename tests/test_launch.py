@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.jobs import JobRecord
+from launch.jobs import JobRecord, job_state
 from tests.conftest import HILUM, ROOT, tiny_config, write_config
 from trainer.checkpoint import latest_complete
 
@@ -28,6 +28,12 @@ def hilum(*args: str, ok: bool = True, timeout: int = 600) -> subprocess.Complet
 
 def job_line(run_dir: Path) -> str:
     return next(line for line in hilum("status", str(run_dir)).stdout.splitlines() if line.startswith("job:"))
+
+
+def job_now(run_dir: Path) -> str:
+    """The state `hilum status` would print, read in this process: polling through the CLI would
+    start a torch-importing process several times a second next to the run under test."""
+    return job_state(run_dir, JobRecord.load(run_dir))
 
 
 def wait_until(condition, what: str, timeout: float = 420, every: float = 0.3) -> None:
@@ -59,7 +65,8 @@ def test_launch_survives_a_dead_driver_and_stops_and_resumes(phantom_dir, tmp_pa
     assert "already running" in hilum("launch", str(cfg), ok=False).stderr
 
     os.killpg(int(record.job_id), signal.SIGKILL)  # the driver dies with its workers: no word from it
-    wait_until(lambda: "DIED" in job_line(run_dir), "the dead driver to show")
+    wait_until(lambda: job_now(run_dir) == "DIED", "the dead driver to show")
+    assert job_line(run_dir).startswith("job: DIED")
     died_at = latest_step(run_dir)
 
     out = hilum("resume", str(run_dir)).stdout  # launched runs resume in the background
@@ -99,8 +106,7 @@ def test_launch_submits_a_ray_job_to_a_cluster(phantom_dir, tmp_path, monkeypatc
         assert "launched as Ray job hilum-t-" in out
         record = JobRecord.load(run_dir)
         assert record.kind == "ray" and record.address == cluster.address
-        wait_until(lambda: any(s in job_line(run_dir) for s in ("SUCCEEDED", "FAILED", "STOPPED")), "the job to end",
-                   every=2.0)
+        wait_until(lambda: job_now(run_dir) in ("SUCCEEDED", "FAILED", "STOPPED"), "the job to end", every=1.0)
         from ray.job_submission import JobSubmissionClient
 
         logs = JobSubmissionClient(cluster.address).get_job_logs(record.job_id)

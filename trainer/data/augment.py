@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 # Mean/std of 8-bit radiographs mapped to [0, 1]; a fixed affine map, not a data statistic.
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
@@ -62,6 +61,10 @@ def draw_params(spec: AugmentSpec, height: int, width: int, gen: torch.Generator
 
 def apply_params(spec: AugmentSpec, image: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     """(C, H, W) float in [0, 1] → (C, S, S) normalised; runs on whatever device ``image`` is on."""
+    # Imported here: torchvision costs 2 s to import, and the processes that only read a
+    # checkpoint's stream position (the launcher, `hilum status`) reach this module too.
+    from torchvision.transforms.v2 import functional as TF
+
     size = [spec.image_size, spec.image_size]
     if not spec.augment:
         return (TF.resize(image, size, antialias=True) - PIXEL_MEAN) / PIXEL_STD
