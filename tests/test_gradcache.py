@@ -174,10 +174,11 @@ def _bn_rank(rank, port, phantom_dir, run_root, queue):
         # Every parameter that is a whole number of 16-byte units sits at a 16-byte boundary (cuBLAS's
         # fast kernels need it; DeepSpeed packs parameters back to back in each group's buffer).
         misaligned = [n for n, p in w.engine.module.named_parameters() if p.numel() % 8 == 0 and p.data_ptr() % 16]
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in w.engine.module.parameters() if p.requires_grad)
         results[(gradcache, stage)] = dict(
             misaligned=misaligned, loss=values["loss"], weight=str(bn.weight.dtype), stats=str(bn.running_mean.dtype),
             moved=float((bn.running_mean.float() - before).abs().max()), accumulate=accumulate,
-            steps=w.engine.global_steps)
+            steps=w.engine.global_steps, bucket=getattr(optimizer, "reduce_bucket_size", None), trainable=trainable)
     queue.put(results)
 
 
@@ -194,5 +195,7 @@ def test_batchnorm_tower_trains_in_bf16_plain_and_gradcache(phantom_dir, tmp_pat
         assert r["moved"] > 0, (gradcache, r)  # running statistics update in training mode
         assert r["steps"] == 1, (gradcache, stage, r)
         assert r["misaligned"] == [], (gradcache, stage, r["misaligned"][:5])
+        if stage != 1 or not gradcache:  # ZeRO's gradient bucket holds the model, not DeepSpeed's 5e8 elements
+            assert r["trainable"] <= r["bucket"] < r["trainable"] + 1024, (gradcache, stage, r)
         if gradcache:  # the chunks' gradients are summed in fp32, at every ZeRO stage that can
             assert r["accumulate"] == ("fp32 (BF16_Optimizer)" if stage == 1 else "torch.float32"), (stage, r)
