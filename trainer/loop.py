@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hilum")
 
-# Called on every rank at each log step with that step's metrics (Ray Train's report, for one).
+# Called on every rank after each checkpoint with the latest logged metrics (Ray Train's report,
+# for one). Not at every log step: Ray Train holds one unconsumed report per worker and collects
+# them every 2 s, so a report per short step stalled it (2 s a step with log_every 1).
 Reporter = Callable[[dict[str, Any]], None]
 
 
@@ -368,8 +370,7 @@ class Progress:
                         ", ".join(f"rank {r} {times[r]:.3f}s" for r in slow), median, factor)
 
     def step_done(self, state: TrainState, batch: dict[str, Any], values: dict[str, float],
-                  data_seconds: float, step_seconds: float, report: Reporter | None,
-                  phases: dict[str, float] | None = None) -> None:
+                  data_seconds: float, step_seconds: float, phases: dict[str, float] | None = None) -> None:
         w, cfg = self.w, self.w.cfg
         samples = len(batch["text"])
         self.window_samples += samples
@@ -408,8 +409,6 @@ class Progress:
                      data_seconds, 100 * data_share, self.last["lr"], values["logit_scale"])
             with open(w.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(self.last) + "\n")
-        if report:
-            report(self.last)
         self.restart_window()
 
 
@@ -490,11 +489,13 @@ def run_steps(w: Worker, state: TrainState, batches: Iterator[Batch], progress: 
                         {"step": state.step, "epoch": batch["_epoch"], "keys": [m["__key__"] for m in batch["meta"]]})
         state.position = advance(state.position, batch, workers)
         progress.step_done(state, batch, values, data_seconds=t_step - t_data, step_seconds=time.perf_counter() - t_data,
-                           report=report, phases=timer.phases)
+                           phases=timer.phases)
 
         every = cfg.train.checkpoint_every
         if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
             save_checkpoint(w, state)
+            if report and progress.last:
+                report(progress.last)
             progress.restart_window()  # checkpoint time is not training throughput
         if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.max_steps:
             run_eval(w, state.step)
