@@ -27,14 +27,13 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from cluster.quick_exit import freeze_at_exit
-
     from trainer.loop import train
 
+    freeze_at_exit()
     # Always "resume from the latest complete checkpoint, if any": the launcher has refused a fresh
     # run into a store that holds checkpoints, so at the first start this finds none (or the one
     # `hilum resume` asked for), and after a failure, when Ray Train's FailureConfig restarts the
     # worker group with the same arguments, it finds the newest one.
-    freeze_at_exit()
     result = train(loop_config["cfg"], resume=True, report=lambda metrics: ray.train.report(metrics))
     if result.get("eval"):
         ray.train.report({**result.get("train", {}), "eval": result["eval"]})
