@@ -154,48 +154,78 @@ def test_gradcache_equals_plain_step_under_zero_0_2_3(phantom_dir, tmp_path):
 def _bn_rank(rank, port, phantom_dir, run_root, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                       LOCAL_WORLD_SIZE="1")
+    import copy
+
     from launch.config import build_config
     from trainer.loop import build_worker, train_step
 
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
+    def first_bn(tower):
+        return next(m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
     results = {}
-    for gradcache, stage in ((False, 2), (True, 2), (True, 1), (True, 3)):
+    for gradcache, stage, divergence in ((False, 2, False), (True, 2, False), (True, 1, False), (True, 3, False),
+                                         (True, 2, True)):
         raw = tiny_config(phantom_dir, run_root, train={"zero_stage": stage, "precision": "bf16"}, monitoring={"enabled": False},
                           gradcache={"enabled": gradcache, "chunk_size": CHUNK})
         raw["model"]["image"] = {"model": "resnet10t", "kwargs": {}}
+        if divergence:  # MLIP's divergence encoders run in GradCache's first pass only
+            raw["objectives"] = [{"name": "clip"}, {"name": "divergence", "weight": 0.5}]
         w = build_worker(build_config(raw))
         image, ids, mask = _batch(0, len(w.tokenize.tokenizer))
-        bn = next(m for m in w.engine.module.image_tower.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        batch = {"image": image, "input_ids": ids, "attention_mask": mask}
+        if divergence:
+            batch["image_aug"] = image.flip(-1)[:, None]
+        bn = first_bn(w.engine.module.image_tower)
         before = bn.running_mean.detach().float().clone()
-        values = train_step(w, {"image": image, "input_ids": ids, "attention_mask": mask})
+        # The batch norm statistics to expect: each chunk (plain: the batch) once through the tower.
+        reference = copy.deepcopy(w.engine.module.image_tower).train() if stage != 3 else None
+        values = train_step(w, batch)
         optimizer = w.engine.optimizer
         accumulate = "fp32 (BF16_Optimizer)" if isinstance(optimizer, BF16_Optimizer) else str(optimizer.gradient_accumulation_dtype)
         # Every parameter that is a whole number of 16-byte units sits at a 16-byte boundary (cuBLAS's
         # fast kernels need it; DeepSpeed packs parameters back to back in each group's buffer).
         misaligned = [n for n, p in w.engine.module.named_parameters() if p.numel() % 8 == 0 and p.data_ptr() % 16]
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in w.engine.module.parameters() if p.requires_grad)
-        results[(gradcache, stage)] = dict(
+        stats_err = None
+        if reference is not None:
+            with torch.no_grad():
+                for part in chunk_slices(PER_RANK, CHUNK if gradcache else PER_RANK):
+                    reference(image[part].to(w.dtype))
+            want = first_bn(reference).running_mean.float()
+            stats_err = float((bn.running_mean.float() - want).norm() / (want - before).norm())
+        results[(gradcache, stage, divergence)] = dict(
             misaligned=misaligned, loss=values["loss"], weight=str(bn.weight.dtype), stats=str(bn.running_mean.dtype),
             moved=float((bn.running_mean.float() - before).abs().max()), accumulate=accumulate,
-            steps=w.engine.global_steps, bucket=getattr(optimizer, "reduce_bucket_size", None), trainable=trainable)
+            steps=w.engine.global_steps, bucket=getattr(optimizer, "reduce_bucket_size", None), trainable=trainable,
+            tracked=int(bn.num_batches_tracked), stats_err=stats_err,
+            divergence_tracked=int(first_bn(w.engine.module.divergence_image).num_batches_tracked) if divergence else None)
     queue.put(results)
 
 
 def test_batchnorm_tower_trains_in_bf16_plain_and_gradcache(phantom_dir, tmp_path):
     """DeepSpeed casts parameters, not buffers, to bf16; a ResNet's batch norms must still run.
-    With GradCache, each stage sums the chunks' gradients in fp32 and steps once."""
+    With GradCache, each stage sums the chunks' gradients in fp32 and steps once, and the batch
+    norms' running statistics take each chunk once although both passes run in training mode."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(_bn_rank, args=(free_port(), phantom_dir, tmp_path, queue), nprocs=1, start_method="spawn")
     results = queue.get()
-    for (gradcache, stage), r in results.items():
-        assert r["weight"] == r["stats"] == "torch.bfloat16", (gradcache, r)
-        assert torch.isfinite(torch.tensor(r["loss"])), (gradcache, r)
-        assert r["moved"] > 0, (gradcache, r)  # running statistics update in training mode
-        assert r["steps"] == 1, (gradcache, stage, r)
-        assert r["misaligned"] == [], (gradcache, stage, r["misaligned"][:5])
+    chunks = len(chunk_slices(PER_RANK, CHUNK))
+    for (gradcache, stage, divergence), r in results.items():
+        label = (gradcache, stage, divergence, r)
+        assert r["weight"] == r["stats"] == "torch.bfloat16", label
+        assert torch.isfinite(torch.tensor(r["loss"])), label
+        assert r["moved"] > 0, label  # running statistics update in training mode
+        assert r["steps"] == 1, label
+        assert r["misaligned"] == [], (label, r["misaligned"][:5])
         if stage != 1 or not gradcache:  # ZeRO's gradient bucket holds the model, not DeepSpeed's 5e8 elements
-            assert r["trainable"] <= r["bucket"] < r["trainable"] + 1024, (gradcache, stage, r)
+            assert r["trainable"] <= r["bucket"] < r["trainable"] + 1024, label
         if gradcache:  # the chunks' gradients are summed in fp32, at every ZeRO stage that can
-            assert r["accumulate"] == ("fp32 (BF16_Optimizer)" if stage == 1 else "torch.float32"), (stage, r)
+            assert r["accumulate"] == ("fp32 (BF16_Optimizer)" if stage == 1 else "torch.float32"), label
+        assert r["tracked"] == (chunks if gradcache else 1), label
+        if r["stats_err"] is not None:  # equal here; a second update per chunk left them 73 % off
+            assert r["stats_err"] < 0.05, label
+        if divergence:  # first pass only, and kept
+            assert r["divergence_tracked"] == chunks, label

@@ -20,6 +20,9 @@ APIs drop the CUDA RNG state. One step:
 The surrogate's gradient is exactly the gradient of the full-batch loss, and the temperature's
 share goes through the same ``engine.backward`` as the encoders', so both get the same scaling
 (``scale_wrt_gas=False``: the surrogate already carries the full-batch loss's weights).
+
+Batch norms see every chunk twice; their running statistics keep one update per chunk
+(:class:`NormStatistics`), as in gradient accumulation over the same chunks.
 """
 
 from __future__ import annotations
@@ -54,6 +57,44 @@ class RngState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
+
+class NormStatistics:
+    """The running statistics of a model's batch norms, so that each chunk updates them once.
+
+    Both passes run in training mode (the replay must normalise with the chunk's own statistics,
+    as the first pass did), and each would fold the chunk into the running mean and variance:
+    twice the updates, so the statistics that evaluation uses would average half as many chunks.
+    GradCache implementations leave this as it is; here the first pass's updates are undone
+    before the replay, except in layers that only the first pass runs (MLIP's divergence encoders
+    run without a gradient, once), recognised by their unchanged ``num_batches_tracked``.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.layers = [m for m in model.modules()
+                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def snapshot(self) -> list[list[torch.Tensor]]:
+        return [[b.detach().clone() for b in self._buffers(m)] for m in self.layers]
+
+    def restore(self, saved: list[list[torch.Tensor]], only_if_unchanged_since: list[list[torch.Tensor]] | None = None) -> None:
+        """Put ``saved`` back; with ``only_if_unchanged_since``, only into layers that have not run
+        in training mode since that snapshot (same ``num_batches_tracked``). Decided on the device
+        (``torch.where``), so no layer waits for the GPU."""
+        with torch.no_grad():
+            for index, (layer, values) in enumerate(zip(self.layers, saved)):
+                buffers = self._buffers(layer)
+                if only_if_unchanged_since is None:
+                    for buffer, value in zip(buffers, values):
+                        buffer.copy_(value)
+                    continue
+                unchanged = layer.num_batches_tracked == only_if_unchanged_since[index][-1]
+                for buffer, value in zip(buffers, values):
+                    buffer.copy_(torch.where(unchanged, value, buffer))
+
+    @staticmethod
+    def _buffers(layer: torch.nn.Module) -> list[torch.Tensor]:
+        return [layer.running_mean, layer.running_var, layer.num_batches_tracked]
 
 
 def chunk_slices(batch_size: int, chunk_size: int) -> list[slice]:
@@ -143,12 +184,16 @@ def gradcache_backward(
     def first_chunk(part: slice) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None]:
         return (*chunk(part), move(image_aug[part]) if image_aug is not None else None)
 
+    norms = NormStatistics(getattr(engine, "module", engine))
+    before_first_pass = norms.snapshot()
     states, cached = [], []
     with torch.no_grad():
         for args, kwargs, aug in device_chunks(slices, first_chunk, device):
             states.append(RngState.capture(device))
             cached.append(engine(*args, image_aug=aug, **kwargs))
     after_first_pass = RngState.capture(device)
+    first_pass_norms = norms.snapshot()
+    norms.restore(before_first_pass)  # the replay updates them, once per chunk
     timer.mark("forward")
 
     image_features = torch.cat([c.image for c in cached]).detach().requires_grad_()
@@ -181,4 +226,5 @@ def gradcache_backward(
             engine.step()  # inside the accumulation window: advances DeepSpeed's micro-step only
         timer.mark("backward")
     after_first_pass.restore()  # the next step's randomness as if each chunk ran once
+    norms.restore(first_pass_norms, only_if_unchanged_since=before_first_pass)  # first-pass-only layers
     return total.detach(), {k: v.detach() for k, v in terms.items()}, inputs
