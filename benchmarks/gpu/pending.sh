@@ -8,10 +8,11 @@
 #   layout     plain 512 and GradCache 65536 with images in channels-last memory and without
 #   host       plain 512 with and without a pinned host batch, and GradCache 65536 pinned
 #              (the 2026-11-26 run also tried torch's fused AdamW: no gain, removed)
-#   plain      plain 512 at ZeRO-2 with phases and the top kernels (full table in $OUT/profile.txt),
-#              at ZeRO-1, and at ZeRO-2 with padded reports (real batches are padded; the in-memory
-#              batches and the anchor's are not: is that the data_wait run's slower step?)
-#              (session 6 also ran ZeRO-2 without cuDNN's autotuner: no difference)
+#   plain      plain 512 at ZeRO-1 (gcbest's default stage) with the top kernels (full table in
+#              $OUT/profile.txt); session 6 profiled ZeRO-2 (equal to ZeRO-1 there, and without
+#              cuDNN's autotuner: no difference)
+#   plainvariants  plain 512 at ZeRO-2, and at ZeRO-2 with padded reports (real batches are padded;
+#              the in-memory batches and the anchor's are not)
 #   gcstage    GradCache 8192 (32 chunks of 256) at ZeRO-2 and ZeRO-1, with phases: the per-chunk
 #              cost of each stage's gradient accumulation
 #   gcbest     GradCache 65536 at whichever stage gcstage found faster (without gcstage: ZeRO-1, the
@@ -100,13 +101,15 @@ if run host; then
   eval timeout 200 python3 benchmarks/gradcache.py $LAYOUT_GC --steps 1 --pin on --out "$OUT/host.jsonl" 2>&1 | quiet
   step "host gradcache pinned"
 fi
-if run plain; then
-  eval timeout 75 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --profile --zero 2 --out "$OUT/plain.jsonl" 2>&1 \
+if run plain; then  # the plain step at ZeRO-1, the stage gcbest runs by default
+  eval timeout 75 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --profile --zero 1 --out "$OUT/plain.jsonl" 2>&1 \
     | quiet > "$OUT/profile.txt"
   grep -E "^\{|Self CUDA time|Self CPU time|Error" "$OUT/profile.txt"
-  step "plain zero 2 (profiled)"
-  eval timeout 45 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --phases --zero 1 --out "$OUT/plain.jsonl" 2>&1 | quiet
-  step "plain zero 1"
+  step "plain zero 1 (profiled)"
+fi
+if run plainvariants; then
+  eval timeout 45 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --phases --zero 2 --out "$OUT/plain.jsonl" 2>&1 | quiet
+  step "plain zero 2"
   eval timeout 45 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --phases --zero 2 --padded on \
     --out "$OUT/plain.jsonl" 2>&1 | quiet
   step "plain zero 2, padded text"
