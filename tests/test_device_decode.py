@@ -82,6 +82,28 @@ def test_device_decode_gives_the_cpu_path_images(manifest, device, in_chans, vie
     assert sum(sum(b["_skipped"].values()) for b in cpu) == 1  # the truncated JPEG, on both paths
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("in_chans,views", [(3, 1), (1, 2)])
+def test_decode_in_groups_to_host_memory_gives_the_same_batch(manifest, device, in_chans, views):
+    """GradCache's batches: decoded a few images at a time, finished in (page-locked) host memory."""
+    spec = StreamSpec(batch_size=8, world_size=1, num_workers=0, seed=3)
+    pre = Preprocess(image_size=24, in_chans=in_chans, augment=True, crop_scale_min=0.5, brightness=0.2, contrast=0.2,
+                     views=views, defer_jpeg=True)
+    batches = list(make_loader(ShardStream(manifest, spec, pre, FakeTokenize())))
+    whole = DeviceDecoder(pre.augment_spec, in_chans, torch.device(device))
+    grouped = DeviceDecoder(pre.augment_spec, in_chans, torch.device(device), max_images=3, to_host=True)
+    gaps = 0
+    for b in batches:
+        rows = b["jpeg"]["index"]
+        gaps += rows != list(range(rows[0], rows[0] + len(rows)))  # rows decoded in the worker between them
+        want, got = whole(dict(b)), grouped(dict(b))
+        assert got["image"].device.type == "cpu" and got["image"].is_pinned() == (device == "cuda")
+        for name in ("image", "image_aug") if views > 1 else ("image",):
+            assert got[name].shape == want[name].shape
+            torch.testing.assert_close(got[name], want[name].cpu(), rtol=0, atol=1e-5)
+    assert gaps and len(batches) > 1  # both the slice copy and the indexed copy ran
+
+
 def test_truncated_jpeg_is_refused_in_the_worker_not_on_the_device():
     pre = Preprocess(image_size=16, defer_jpeg=True)
     good = _encoded(np.full((20, 30), 90, np.uint8), "JPEG")

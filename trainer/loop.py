@@ -142,7 +142,10 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     train_pre = Preprocess(d.image_size, d.in_chans, d.text, True, a.crop_scale_min, a.brightness, a.contrast,
                            defer_jpeg=on_device, views=views, findings=findings, labels=label_spec)
     eval_pre = Preprocess(d.image_size, d.in_chans, d.text, False)
-    decoder = DeviceDecoder(train_pre.augment_spec, d.in_chans, device, dtype) if on_device else None
+    # Under GradCache the decoded batch waits on the host: the device gets one chunk at a time.
+    decoder = None
+    if on_device:
+        decoder = DeviceDecoder(train_pre.augment_spec, d.in_chans, device, dtype, to_host=cfg.gradcache.enabled)
     metrics = None
     if cfg.monitoring.enabled:
         from monitoring import WorkerMetrics

@@ -17,6 +17,8 @@
 #              cost of each stage's gradient accumulation
 #   gcbest     GradCache 65536 at whichever stage gcstage found faster (without gcstage: ZeRO-1, the
 #              faster one in session 6)
+#   gcdata     GradCache (4096 in chunks of 256) fed by GPU decode from S3: decoded in groups of 512,
+#              the batch waiting in page-locked host memory (session 8); data wait and samples/s
 #   data       issue 3 as built in session 6 (batched augmentation, prefetch thread, one tensor of JPEG
 #              bytes per batch): CPU and GPU decode at 4 workers, local and S3; data_wait: the same
 #              training run as data_wait5
@@ -49,6 +51,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   LAYOUT_PLAIN="--model tiny --plain-batches 32 --batches ''"; LAYOUT_GC="--model tiny --plain-batches '' --batches 64 --chunk 16"
   STAGE_GC="--model tiny --plain-batches '' --batches 64 --chunk 16"; BEST_GC="$LAYOUT_GC"
   DATA6="--samples 128 --batches 2 --batch 16 --decode-device cpu --workers 2 --gpu-workers 2"
+  GCWAIT="--model tiny --batch 32 --gradcache-chunk 8 --steps 4 --window 2 --samples 128"
 else
   DATA="--samples 1024"; ANCHOR=512; WAIT="--model resnet50-bert --batch 512 --steps 30 --window 10"
   GC="--model resnet50-bert --batches 256,65536 --plain-batches 512 --chunk 256"; DIV="--model resnet50-bert --ranks 1 --steps 5"
@@ -56,6 +59,7 @@ else
   LAYOUT_GC="--model resnet50-bert --plain-batches '' --batches 65536 --chunk 256"
   STAGE_GC="--model resnet50-bert --plain-batches '' --batches 8192 --chunk 256"; BEST_GC="$LAYOUT_GC"
   DATA6="--samples 1024 --workers 4 --gpu-workers 4"
+  GCWAIT="--model resnet50-bert --batch 4096 --gradcache-chunk 256 --steps 8 --window 4"
 fi
 
 if [ -n "$ANCHOR" ] && run anchor; then
@@ -138,4 +142,9 @@ if run data_wait; then  # with data.prefetch = 2 (the default now)
   timeout 95 python3 benchmarks/data_wait.py $WAIT --source s3 --cache /tmp/hilum-bench-data --out "$OUT/data6.jsonl" 2>&1 \
     | grep -E "step [0-9]+/|data_wait|Error|error" | quiet
   step data_wait
+fi
+if run gcdata; then
+  timeout 120 python3 benchmarks/data_wait.py $GCWAIT --source s3 --cache /tmp/hilum-bench-data --out "$OUT/gcdata.jsonl" 2>&1 \
+    | grep -E "step [0-9]+/|data_wait|Error|error" | quiet
+  step gcdata
 fi
