@@ -45,6 +45,7 @@ def preflight(cfg: HilumConfig) -> None:
         problems.append(f"model.image.weights: {cfg.model.image.weights} is not a file")
     if cfg.cluster.device == "cuda" and cfg.cluster.launcher == "local" and not torch.cuda.is_available():
         problems.append("cluster.device: 'cuda' requested but no CUDA device is visible here")
+    problems += _check_host_memory(cfg)
     if problems:
         raise ConfigError("refusing to start:\n  " + "\n  ".join(problems))
     try:
@@ -54,6 +55,41 @@ def preflight(cfg: HilumConfig) -> None:
     except (OSError, ValueError) as err:
         raise ConfigError(f"refusing to start:\n  model.text.tokenizer: {err}") from None
     _check_model(cfg, vocab)
+
+
+def host_bytes_per_rank(cfg: HilumConfig) -> int:
+    """A lower bound on the host memory that one rank's image batches hold (one view, no text).
+
+    CPU decode: float32 batches, ``2 × data.num_workers`` in the loader (its prefetch factor)
+    plus ``data.prefetch`` + 1 in the training process. GPU decode: only GradCache keeps the
+    decoded batch on the host (bf16: 2 bytes a value), ``data.prefetch`` + 1 of them.
+    """
+    d = cfg.data
+    gpu = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and torch.cuda.is_available())
+    values = d.batch_size * d.in_chans * d.image_size**2
+    if d.decode == "gpu" or (d.decode == "auto" and gpu):
+        return values * 2 * (d.prefetch + 1) if cfg.gradcache.enabled else 0
+    return values * 4 * (2 * d.num_workers + d.prefetch + 1)
+
+
+def _check_host_memory(cfg: HilumConfig) -> list[str]:
+    """Refuse what cannot fit in this machine's memory when every rank runs on it (local launcher,
+    embedded Ray): the kernel would kill the run minutes later, after the DeepSpeed build.
+    GradCache's per-rank batches of tens of thousands reach it first (65 536 grey 224² images:
+    13 GB a batch as float32)."""
+    from cluster.ray_runner import ray_address
+
+    if cfg.cluster.launcher == "ray" and ray_address(cfg):
+        return []
+    need = host_bytes_per_rank(cfg) * cfg.cluster.num_workers
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need <= memory:
+        return []
+    return [f"data.batch_size: {cfg.cluster.num_workers} ranks × {cfg.data.batch_size} images of "
+            f"{cfg.data.in_chans}×{cfg.data.image_size}² hold at least {need / 2**30:.1f} GiB of host memory in "
+            f"batches on their way (data.num_workers {cfg.data.num_workers}, data.prefetch {cfg.data.prefetch}, "
+            f"data.decode {cfg.data.decode}); this machine has {memory / 2**30:.1f} GiB. Fewer loader workers, GPU decode "
+            "or a smaller per-rank batch (more ranks) bring it down"]
 
 
 def _check_model(cfg: HilumConfig, vocab: int) -> None:

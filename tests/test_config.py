@@ -84,3 +84,25 @@ def test_cli_refuses_missing_data_before_any_worker(tmp_path):
 def test_help(command):
     proc = subprocess.run([*HILUM, command, "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0 and "usage: hilum" in proc.stdout
+
+
+def test_batches_larger_than_this_machine_are_refused_before_any_worker(phantom_dir, tmp_path):
+    """GradCache invites per-rank batches of tens of thousands; their CPU-decoded batches on the
+    way (float32, loader prefetch + training prefetch) must fit in memory when every rank runs here."""
+    import os
+
+    from launch.preflight import host_bytes_per_rank, preflight
+    from tests.conftest import tiny_config
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    sections = dict(cluster={"launcher": "local", "device": "cpu", "num_workers": 2}, gradcache={"enabled": True, "chunk_size": 8})
+    cfg = build_config(tiny_config(phantom_dir, tmp_path, data={"batch_size": 64, "num_workers": 2}, **sections))
+    assert host_bytes_per_rank(cfg) == 64 * 1 * 64**2 * 4 * (2 * 2 + 2 + 1)  # 64² grey float32, 7 batches
+    preflight(cfg)  # fits
+    batch = memory // (64**2 * 4 * 7 * 2) + 1  # two ranks' batches just past this machine's memory
+    cfg = build_config(tiny_config(phantom_dir, tmp_path, data={"batch_size": batch, "num_workers": 2}, **sections))
+    with pytest.raises(ConfigError, match=r"data.batch_size: 2 ranks × \d+ images of 1×64² hold at least [\d.]+ GiB"):
+        preflight(cfg)
+    # Ranks on a Ray cluster elsewhere: nothing to compare with here.
+    remote = dict(sections, cluster={"launcher": "ray", "device": "cpu", "num_workers": 2, "address": "ray://head:10001"})
+    preflight(build_config(tiny_config(phantom_dir, tmp_path, data={"batch_size": batch, "num_workers": 2}, **remote)))
