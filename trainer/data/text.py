@@ -36,8 +36,8 @@ class Tokenize:
             truncation=True,
             max_length=self.context_length,
             # NumPy arrays, then shared as tensors: transformers builds "pt" tensors from Python
-            # lists, 6.7 ms for 64 reports × 128 tokens against 4.2 ms this way, an eighth of a
-            # GPU-decode loader worker's time per batch.
+            # lists, 6.7 ms for 64 reports × 128 tokens against 4.2 ms this way; the 2.5 ms saved
+            # are an eighth of a GPU-decode loader worker's time per batch.
             return_tensors="np",
         )
         return {"input_ids": torch.from_numpy(enc["input_ids"]), "attention_mask": torch.from_numpy(enc["attention_mask"])}
