@@ -68,6 +68,10 @@ class RunSection(_Section):
     def _no_literal_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
         return _refuse_literal_credentials(options)
 
+    def decodes_on_device(self, device_type: str) -> bool:
+        """Whether JPEGs decode on the training device (``decode``) for a worker on ``device_type``."""
+        return self.decode == "gpu" or (self.decode == "auto" and device_type == "cuda")
+
 
 class AugmentSection(_Section):
     # No horizontal flip: reports say "left" and "right", and flipping would make them lie.
@@ -105,6 +109,10 @@ class DataSection(_Section):
     @classmethod
     def _no_literal_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
         return _refuse_literal_credentials(options)
+
+    def decodes_on_device(self, device_type: str) -> bool:
+        """Whether JPEGs decode on the training device (``decode``) for a worker on ``device_type``."""
+        return self.decode == "gpu" or (self.decode == "auto" and device_type == "cuda")
 
 
 class MultiLevelSection(_Section):

@@ -67,7 +67,7 @@ def host_bytes_per_rank(cfg: HilumConfig) -> int:
     d = cfg.data
     gpu = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and torch.cuda.is_available())
     values = d.batch_size * d.in_chans * d.image_size**2
-    if d.decode == "gpu" or (d.decode == "auto" and gpu):
+    if d.decodes_on_device("cuda" if gpu else "cpu"):
         return values * 2 * (d.prefetch + 1) if cfg.gradcache.enabled else 0
     return values * 4 * (2 * d.num_workers + d.prefetch + 1)
 

@@ -133,7 +133,7 @@ def build_worker(cfg: "HilumConfig") -> Worker:
         divergence = DivergenceEncoders(engine.module, deepspeed_config(cfg, info.world_size, dtype)["zero_optimization"])
     seed_everything(cfg.run.seed + 1000 * info.rank)  # per-rank randomness from here on
     d, a = cfg.data, cfg.data.augment
-    on_device = d.decode == "gpu" or (d.decode == "auto" and device.type == "cuda")
+    on_device = d.decodes_on_device(device.type)
     if on_device and device.type != "cuda":
         raise RuntimeError(f"data.decode is 'gpu' but this worker's device is {device}")
     views = max(o.views for o in objectives.values())
