@@ -68,10 +68,6 @@ class RunSection(_Section):
     def _no_literal_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
         return _refuse_literal_credentials(options)
 
-    def decodes_on_device(self, device_type: str) -> bool:
-        """Whether JPEGs decode on the training device (``decode``) for a worker on ``device_type``."""
-        return self.decode == "gpu" or (self.decode == "auto" and device_type == "cuda")
-
 
 class AugmentSection(_Section):
     # No horizontal flip: reports say "left" and "right", and flipping would make them lie.
