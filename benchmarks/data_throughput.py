@@ -71,7 +71,7 @@ def prepare(cache: Path, samples: int, size: int) -> tuple[Path, Path, dict]:
 
 
 def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int, batch: int, image_size: int,
-                gpu: bool, batches: int, decode_device: str = "cuda") -> dict:
+                gpu: bool, batches: int, decode_device: str = "cuda", read_ahead_mb: int = 32) -> dict:
     """Steady-state rate: the stream runs across epochs; timing starts once every loader worker
     has delivered its first batch (spawned workers import torch first: seconds each).
 
@@ -90,7 +90,8 @@ def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int,
     device = torch.device("cpu" if decode_device == "none" else decode_device)
     decode = DeviceDecoder(pre.augment_spec, 1, device) if gpu and decode_device != "none" else None
     spec = StreamSpec(batch, 1, workers, seed=0, shuffle=True, shuffle_buffer=256)
-    stream = ShardStream(manifest, spec, pre, Tokenize(str(tokenizer), 128), storage_options=storage, epochs=None)
+    stream = ShardStream(manifest, spec, pre, Tokenize(str(tokenizer), 128), storage_options=storage, epochs=None,
+                          read_ahead_bytes=read_ahead_mb << 20)
     warm = max(1, workers)
     t0 = time.perf_counter()
     loader = iter(make_loader(stream))
@@ -130,6 +131,7 @@ def main() -> None:
     p.add_argument("--workers", default="1,2,4,8", help="CPU-decode loader workers to try")
     p.add_argument("--gpu-workers", default="1,2,4", help="GPU-decode loader workers to try (only with CUDA)")
     p.add_argument("--sources", default="local,s3")
+    p.add_argument("--read-ahead-mb", default="32", help="data.read_ahead_mb values to try (0 = off)")
     p.add_argument("--s3-endpoint", help="use this S3 endpoint (credentials: AWS_* environment) instead of a moto server")
     p.add_argument("--cache", default="/tmp/hilum-bench-data", help="where the generated data set is kept between runs")
     p.add_argument("--decode-device", default="cuda",
@@ -163,20 +165,21 @@ def main() -> None:
             fs.mkdir(bucket)
             fs.put(str(shards) + "/", f"{bucket}/shards/", recursive=True)
             urls["s3"] = (f"s3://{bucket}/shards/train.json", storage)
-        plans = [(src, int(w), False) for src in sources for w in args.workers.split(",") if w]
+        ahead = [int(mb) for mb in args.read_ahead_mb.split(",")]
+        plans = [(src, int(w), False, mb) for src in sources for w in args.workers.split(",") if w for mb in ahead]
         if torch.cuda.is_available() or args.decode_device != "cuda":
-            plans += [(src, int(w), True) for src in sources for w in args.gpu_workers.split(",") if w]
-        for src, workers, gpu in plans:
+            plans += [(src, int(w), True, mb) for src in sources for w in args.gpu_workers.split(",") if w for mb in ahead]
+        for src, workers, gpu, mb in plans:
             url, storage = urls[src]
             try:
                 r = stream_rate(url, storage, tok, workers, args.batch, args.image_size, gpu, args.batches,
-                                args.decode_device)
+                                args.decode_device, mb)
             except Exception as err:  # one failing configuration must not cost the others' figures
                 r = {"error": f"{type(err).__name__}: {err}"[:300]}
             decode = "cpu"
             if gpu:
                 decode = {"cuda": "gpu", "none": "none (loader only)"}.get(args.decode_device, f"device:{args.decode_device}")
-            record({"bench": "stream", **stamp, "source": src, "decode": decode, "workers": workers,
+            record({"bench": "stream", **stamp, "source": src, "decode": decode, "workers": workers, "read_ahead_mb": mb,
                     "batch": args.batch, "image_size": args.image_size, "stored_size": args.size, **r}, args.out)
 
 

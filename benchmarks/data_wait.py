@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--loader-workers", type=int, default=4)
     p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--prefetch", type=int, default=2, help="data.prefetch (0: prepare each batch inline, as before)")
+    p.add_argument("--read-ahead-mb", type=int, default=32, help="data.read_ahead_mb (0: workers read their shards themselves)")
     p.add_argument("--gradcache-chunk", type=int, default=0,
                    help="train with GradCache in chunks of this size (0: plain steps); GPU-decoded batches then wait on the host")
     p.add_argument("--steps", type=int, default=40)
@@ -75,7 +76,8 @@ def main() -> None:
         raw["run"] |= {"name": "data-wait", "output_dir": out_dir}
         raw["data"] |= {"train_manifest": manifest, "eval_manifest": None, "storage_options": storage,
                         "batch_size": args.batch, "num_workers": args.loader_workers, "decode": args.decode,
-                        "text": "report", "prefetch": args.prefetch}
+                        "text": "report", "prefetch": args.prefetch,
+                        "read_ahead_mb": args.read_ahead_mb}
         raw["model"]["text"]["tokenizer"] = str(tok)
         raw["train"] |= {"max_steps": args.steps, "log_every": args.window, "checkpoint_every": 0}
         raw["eval"] = {"at_end": False}
@@ -88,7 +90,7 @@ def main() -> None:
     steady = windows[1:] or windows
     stamp = {"date": datetime.date.today().isoformat(), "machine": machine(), "torch": torch.__version__}
     record({"bench": "data_wait", **stamp, "model": args.model, "source": args.source, "decode": args.decode,
-            "prefetch": args.prefetch, "loader_workers": args.loader_workers, "batch": args.batch, "gradcache_chunk": args.gradcache_chunk, "steps": args.steps,
+            "prefetch": args.prefetch, "read_ahead_mb": args.read_ahead_mb, "loader_workers": args.loader_workers, "batch": args.batch, "gradcache_chunk": args.gradcache_chunk, "steps": args.steps,
             "first_window_wait": round(windows[0]["data_wait_fraction"], 4),
             "steady_wait": round(sum(w["data_wait_fraction"] for w in steady) / len(steady), 4),
             "steady_samples_per_s": round(sum(w["samples_per_second"] for w in steady) / len(steady), 1)}, args.out)

@@ -95,6 +95,10 @@ class DataSection(_Section):
         2, ge=0, le=16, description="batches the training process prepares ahead (GPU decode, copy to the device) in a "
                                     "background thread with its own CUDA stream; 0 prepares each batch inline"
     )
+    read_ahead_mb: int = Field(
+        32, ge=0, le=4096, description="each loader worker fetches its next shard bytes in a background thread, up to "
+                                       "this many MiB ahead of its tar parser (hides object-storage latency); 0 = off"
+    )
     # Passed to fsspec for manifest and shard URLs, e.g. {endpoint_url: "http://minio:9000"} for an
     # S3-compatible store. Credentials come from the environment (AWS_ACCESS_KEY_ID, ...) or, here,
     # as references to environment variables ({key: "${MINIO_KEY}"}): never as literals, so a saved
@@ -105,6 +109,10 @@ class DataSection(_Section):
     @classmethod
     def _no_literal_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
         return _refuse_literal_credentials(options)
+
+    @property
+    def read_ahead_bytes(self) -> int:
+        return self.read_ahead_mb << 20
 
     def decodes_on_device(self, device_type: str) -> bool:
         """Whether JPEGs decode on the training device (``decode``) for a worker on ``device_type``."""

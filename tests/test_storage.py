@@ -92,20 +92,21 @@ def test_persistent_errors_give_up_and_missing_files_are_not_retried(flaky):
     assert flaky.opens <= 1
 
 
-def test_a_connection_dropped_mid_shard_is_resumed_at_the_same_byte(flaky, caplog):
+@pytest.mark.parametrize("read_ahead", [0, 4096], ids=["direct", "read-ahead"])
+def test_a_connection_dropped_mid_shard_is_resumed_at_the_same_byte(flaky, caplog, read_ahead):
     write_shards(simple_samples(30, prefix="f"), "flakymem://flaky/shards", "train", samples_per_shard=30)
     manifest = load_manifest("flakymem://flaky/shards/train.json")
     flaky.cut_after, CutConnectionFile.drops = 20_000, 2
     spec = StreamSpec(batch_size=5, world_size=1, num_workers=0, shuffle=False)
     with patch_backoff():
-        batches = list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize())))
+        batches = list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize(), read_ahead_bytes=read_ahead)))
     assert keys_of(batches) == [f"f{i:05d}" for i in range(30)]
     assert CutConnectionFile.drops == 0 and caplog.text.count("reopening") == 2
     assert not any(b["_skipped"] for b in batches)
     # A connection that keeps dropping: the shard's tail is lost, counted, and the slot refilled.
     flaky.cut_after, CutConnectionFile.drops = 20_000, 100
     with patch_backoff():
-        batches = list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize())))
+        batches = list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize(), read_ahead_bytes=read_ahead)))
     assert len(batches) == 6 and sum(b["_skipped"].get("truncated_shard", 0) for b in batches) > 0
 
 
@@ -115,20 +116,24 @@ def patch_backoff():
     return mock.patch("trainer.data.storage.time.sleep")
 
 
-def test_shards_round_trip_through_s3(s3_server, caplog):
+@pytest.mark.parametrize("read_ahead", [0, 1 << 20], ids=["direct", "read-ahead"])
+def test_shards_round_trip_through_s3(s3_server, caplog, read_ahead):
     fs = fsspec.filesystem("s3", **s3_server)
-    fs.mkdir("hilum-data")
-    write_shards(simple_samples(30, prefix="s"), "s3://hilum-data/phantom", "train", samples_per_shard=8,
+    bucket = f"hilum-data-{read_ahead}"  # the server outlives the test: one bucket per case
+    fs.mkdir(bucket)
+    write_shards(simple_samples(30, prefix="s"), f"s3://{bucket}/phantom", "train", samples_per_shard=8,
                  storage_options=s3_server)
-    manifest = load_manifest("s3://hilum-data/phantom/train.json", s3_server)
+    manifest = load_manifest(f"s3://{bucket}/phantom/train.json", s3_server)
     assert [s.num_samples for s in manifest.shards] == [8, 8, 8, 6]
-    assert all(s.url.startswith("s3://hilum-data/phantom/") for s in manifest.shards)
+    assert all(s.url.startswith(f"s3://{bucket}/phantom/") for s in manifest.shards)
     spec = StreamSpec(batch_size=5, world_size=1, num_workers=0)
-    batches = list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize(), storage_options=s3_server)))
+    batches = list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize(), storage_options=s3_server,
+                                           read_ahead_bytes=read_ahead)))
     assert sorted(keys_of(batches)) == [f"s{i:05d}" for i in range(30)]
     # A shard that disappears is skipped, named in the log, and its slot refilled.
     fs.rm(manifest.shards[1].url)
-    batches = list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize(), storage_options=s3_server)))
+    batches = list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize(), storage_options=s3_server,
+                                           read_ahead_bytes=read_ahead)))
     assert len(batches) == 6 and manifest.shards[1].url in caplog.text
     assert "testing" not in caplog.text  # credentials stay out of the log
 

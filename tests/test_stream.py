@@ -44,8 +44,13 @@ def keys_of(batches):
     return [k["__key__"] for b in batches for k in b["meta"]]
 
 
-def rank_batches(manifest, spec, rank, position=None):
-    return list(make_loader(ShardStream(manifest, spec, PRE, FakeTokenize(), rank, position)))
+def rank_batches(manifest, spec, rank, position=None, read_ahead=0):
+    stream = ShardStream(manifest, spec, PRE, FakeTokenize(), rank, position, read_ahead_bytes=read_ahead)
+    return list(make_loader(stream))
+
+
+# With read-ahead: a limit below one tar record, so the thread waits on the parser at every block.
+READ_AHEAD = [pytest.param(0, id="direct"), pytest.param(700, id="read-ahead")]
 
 
 def test_manifest_counts_and_relative_urls(shards):
@@ -89,18 +94,19 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_batch(shards):
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[consumed:]))  # same augmentation
 
 
-def test_union_before_and_after_resume_is_one_epoch_for_2_ranks_x_2_workers(shards):
+@pytest.mark.parametrize("read_ahead", READ_AHEAD)
+def test_union_before_and_after_resume_is_one_epoch_for_2_ranks_x_2_workers(shards, read_ahead):
     m = load_manifest(str(shards))
     spec = StreamSpec(batch_size=4, world_size=2, num_workers=2, seed=11, shuffle_buffer=8)
-    epoch = sorted(k for rank in (0, 1) for k in keys_of(rank_batches(m, spec, rank)))
+    epoch = sorted(k for rank in (0, 1) for k in keys_of(rank_batches(m, spec, rank, read_ahead=read_ahead)))
     assert len(epoch) == len(set(epoch)) == 96
     seen = []
     for rank, consumed in ((0, 3), (1, 6)):
-        before = rank_batches(m, spec, rank)[:consumed]
+        before = rank_batches(m, spec, rank, read_ahead=read_ahead)[:consumed]
         offsets = [0, 0]
         for b in before:
             offsets[b["_worker"]] = b["_offset"]
-        after = rank_batches(m, spec, rank, StreamPosition(0, consumed, offsets))
+        after = rank_batches(m, spec, rank, StreamPosition(0, consumed, offsets), read_ahead)
         seen += keys_of(before) + keys_of(after)
     assert sorted(seen) == epoch  # no duplicates, no gaps
 
@@ -162,7 +168,8 @@ def test_missing_shard_is_logged_not_fatal(shards, tmp_path, caplog):
     assert len(batches) == batches_per_epoch(m, StreamSpec(batch_size=8)) and "gone.tar" in caplog.text
 
 
-def test_every_kind_of_bad_input_is_skipped_and_counted_by_reason(shards, tmp_path, caplog):
+@pytest.mark.parametrize("read_ahead", READ_AHEAD)
+def test_every_kind_of_bad_input_is_skipped_and_counted_by_reason(shards, tmp_path, caplog, read_ahead):
     """A missing report, an empty tar, a tar cut mid-sample and a listed-but-missing shard, in one
     epoch: nothing crashes, and every lost sample is counted under its reason."""
     import json
@@ -185,7 +192,8 @@ def test_every_kind_of_bad_input_is_skipped_and_counted_by_reason(shards, tmp_pa
     raw["shards"] = [{"url": n, "num_samples": s["num_samples"]} for n, s in zip(["a.tar", "b.tar", "c.tar", "d.tar", "e.tar"], raw["shards"])]
     (dst / "train.json").write_text(json.dumps(raw))  # e.tar is listed but does not exist
     m = load_manifest(str(dst / "train.json"))
-    batches = rank_batches(m, StreamSpec(batch_size=8, world_size=1, num_workers=0, shuffle=False), 0)
+    batches = rank_batches(m, StreamSpec(batch_size=8, world_size=1, num_workers=0, shuffle=False), 0,
+                           read_ahead=read_ahead)
     skipped = Counter()
     for b in batches:
         skipped.update(b["_skipped"])

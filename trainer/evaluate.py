@@ -31,9 +31,11 @@ def encode_manifest(
     dtype: torch.dtype,
     max_samples: int = 0,
     storage_options: dict[str, Any] | None = None,
+    read_ahead_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict[str, Any]]]:
     spec = StreamSpec(batch_size=batch_size, world_size=1, num_workers=0, shuffle=False)
-    stream = ShardStream(manifest, spec, preprocess, tokenize, storage_options=storage_options)
+    stream = ShardStream(manifest, spec, preprocess, tokenize, storage_options=storage_options,
+                         read_ahead_bytes=read_ahead_bytes)
     images, texts, reports, metas = [], [], [], []
     seen = 0
     total = min(manifest.num_samples, max_samples) if max_samples else manifest.num_samples
@@ -125,12 +127,13 @@ def evaluate(
     dtype: torch.dtype,
     max_samples: int = 0,
     storage_options: dict[str, Any] | None = None,
+    read_ahead_bytes: int = 0,
 ) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     try:
         img, txt, reports, metas = encode_manifest(model, manifest, preprocess, tokenize, batch_size, device, dtype,
-                                                   max_samples, storage_options)
+                                                   max_samples, storage_options, read_ahead_bytes)
         classes = list(prompts)
         cls = class_embeddings(model, prompts, tokenize, device)
     finally:

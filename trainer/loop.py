@@ -286,6 +286,7 @@ def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
         w.dtype,
         cfg.eval.max_samples,
         cfg.data.storage_options,
+        cfg.data.read_ahead_bytes,
     )
     result["step"] = step
     if w.info.is_main:
@@ -536,7 +537,8 @@ def train(cfg: "HilumConfig", resume: bool = False, report: Reporter | None = No
 
     progress = Progress(w)
     stream = ShardStream(manifest, spec, w.train_preprocess, w.tokenize, w.info.rank, state.position,
-                         storage_options=cfg.data.storage_options, epochs=None)
+                         storage_options=cfg.data.storage_options, epochs=None,
+                         read_ahead_bytes=cfg.data.read_ahead_bytes)
     batches = training_batches(w, stream)
     try:
         run_steps(w, state, batches, progress, spec.workers, report)

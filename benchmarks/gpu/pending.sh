@@ -20,10 +20,15 @@
 #   gcdata     GradCache (4096 in chunks of 256) fed by GPU decode from S3: decoded in groups of 512,
 #              the batch waiting in page-locked host memory (session 8); data wait and samples/s
 #   data       issue 3 as built in session 6 (batched augmentation, prefetch thread, one tensor of JPEG
-#              bytes per batch): CPU and GPU decode at 4 workers, local and S3; data_wait: the same
-#              training run as data_wait5
-# Session 6 ran ONLY=anchor,plain,gcstage,data,data_wait (gcbest ran out of time). Next, after the
-# parameter-alignment fix: ONLY=anchor,plain,gcbest,data,data_wait (the default; about 8 minutes).
+#              bytes per batch): GPU decode at 4 workers, S3 then local (CPU decode was measured in
+#              session 6), each with shard read-ahead (data.read_ahead_mb 32, session 9) and without;
+#              data_wait: the same training run as data_wait5
+#   datagap    why training from S3 ran at 53 % of the in-memory step in session 9: the in-memory step
+#              with padded reports, and the data_wait run from local disk (no moto server)
+# Session 6 ran ONLY=anchor,plain,gcstage,data,data_wait (gcbest ran out of time); session 9
+# anchor,plain,gcbest,data,data_wait,gcdata (gcbest ran out of time again, with --phases; measured
+# in a second call without). Next: ONLY=anchor,plain,data,data_wait,datagap (the default, in
+# priority order; about 8 minutes: a call cut short by its time limit loses only the last sections).
 # Prepare here: bash benchmarks/gpu/wheels.sh and the anchors' wheels (../shared/anchors/README.md,
 # into .anchors); then run on the device with carry [".gpu", ".anchors"]:
 #   bash benchmarks/gpu/pending.sh > $OUT/log.txt 2>&1; tail -40 $OUT/log.txt
@@ -43,14 +48,14 @@ python3 -c "import torch, triton, deepspeed, s3fs; print('torch', torch.__versio
 T0=$(date +%s)
 step() { echo "== $1: $(( $(date +%s) - T0 )) s"; }
 quiet() { grep -v -i "warn" | cut -c1-300; }
-ONLY=${ONLY:-anchor,plain,gcbest,data,data_wait}  # a subset, e.g. ONLY=gradcache,data_wait
+ONLY=${ONLY:-anchor,plain,data,data_wait,datagap}  # a subset, e.g. ONLY=gradcache,data_wait
 run() { [[ ",$ONLY," == *",$1,"* ]]; }
 if [ "${SMOKE:-0}" = 1 ]; then
   DATA="--samples 128 --batches 2 --batch 16 --decode-device cpu"; ANCHOR=""; WAIT="--model tiny --batch 16 --steps 4 --window 2 --samples 128"
   GC="--model tiny --batches 32,64 --plain-batches 32 --chunk 16"; DIV="--model small --ranks 1 --steps 1"
   LAYOUT_PLAIN="--model tiny --plain-batches 32 --batches ''"; LAYOUT_GC="--model tiny --plain-batches '' --batches 64 --chunk 16"
   STAGE_GC="--model tiny --plain-batches '' --batches 64 --chunk 16"; BEST_GC="$LAYOUT_GC"
-  DATA6="--samples 128 --batches 2 --batch 16 --decode-device cpu --workers 2 --gpu-workers 2"
+  DATA6="--samples 128 --batches 2 --batch 16 --decode-device cpu --workers 2 --gpu-workers 2 --sources s3,local --read-ahead-mb 32,0"
   GCWAIT="--model tiny --batch 32 --gradcache-chunk 8 --steps 4 --window 2 --samples 128"
 else
   DATA="--samples 1024"; ANCHOR=512; WAIT="--model resnet50-bert --batch 512 --steps 30 --window 10"
@@ -58,7 +63,8 @@ else
   LAYOUT_PLAIN="--model resnet50-bert --plain-batches 512 --batches ''"
   LAYOUT_GC="--model resnet50-bert --plain-batches '' --batches 65536 --chunk 256"
   STAGE_GC="--model resnet50-bert --plain-batches '' --batches 8192 --chunk 256"; BEST_GC="$LAYOUT_GC"
-  DATA6="--samples 1024 --workers 4 --gpu-workers 4"
+  # S3 first (session 6 ran out of time before it), with shard read-ahead (the default) and without
+  DATA6="--samples 1024 --workers '' --gpu-workers 4 --sources s3,local --read-ahead-mb 32,0"
   GCWAIT="--model resnet50-bert --batch 4096 --gradcache-chunk 256 --steps 8 --window 4"
 fi
 
@@ -130,11 +136,11 @@ import json, sys
 rows = [json.loads(l) for l in open('$OUT/gcstage.jsonl')] if __import__('os').path.exists('$OUT/gcstage.jsonl') else []
 rows = [r for r in rows if 'samples_per_s' in r]
 print(max(rows, key=lambda r: r['samples_per_s'])['zero_stage'] if rows else 1)")
-  eval timeout 150 python3 benchmarks/gradcache.py $BEST_GC --steps 1 --phases --zero $BEST --out "$OUT/gcbest.jsonl" 2>&1 | quiet
+  eval timeout 200 python3 benchmarks/gradcache.py $BEST_GC --steps 1 --phases --zero $BEST --out "$OUT/gcbest.jsonl" 2>&1 | quiet
   step "gradcache best (zero $BEST)"
 fi
 if run data; then  # the new decode path (batched augmentation, prefetch thread, packed bytes)
-  timeout 150 python3 benchmarks/data_throughput.py $DATA6 --sources local,s3 --cache /tmp/hilum-bench-data \
+  eval timeout 180 python3 benchmarks/data_throughput.py $DATA6 --cache /tmp/hilum-bench-data \
     --out "$OUT/data6.jsonl" 2>&1 | quiet
   step data
 fi
@@ -142,6 +148,13 @@ if run data_wait; then  # with data.prefetch = 2 (the default now)
   timeout 95 python3 benchmarks/data_wait.py $WAIT --source s3 --cache /tmp/hilum-bench-data --out "$OUT/data6.jsonl" 2>&1 \
     | grep -E "step [0-9]+/|data_wait|Error|error" | quiet
   step data_wait
+fi
+if run datagap; then  # why training from S3 ran at 1 056 samples/s against 1 986 in memory (session 9)
+  eval timeout 45 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --zero 1 --padded on --out "$OUT/datagap.jsonl" 2>&1 | quiet
+  step "plain zero 1, padded text (in memory)"
+  timeout 95 python3 benchmarks/data_wait.py $WAIT --source local --cache /tmp/hilum-bench-data --out "$OUT/datagap.jsonl" 2>&1 \
+    | grep -E "step [0-9]+/|data_wait|Error|error" | quiet
+  step "data_wait from local disk"
 fi
 if run gcdata; then
   timeout 120 python3 benchmarks/data_wait.py $GCWAIT --source s3 --cache /tmp/hilum-bench-data --out "$OUT/gcdata.jsonl" 2>&1 \
