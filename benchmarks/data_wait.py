@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--read-ahead-mb", type=int, default=32, help="data.read_ahead_mb (0: workers read their shards themselves)")
     p.add_argument("--gradcache-chunk", type=int, default=0,
                    help="train with GradCache in chunks of this size (0: plain steps); GPU-decoded batches then wait on the host")
+    p.add_argument("--phases", action="store_true",
+                   help="time forward/loss/backward/optimizer (monitoring.phase_timing: synchronises at each phase end)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--window", type=int, default=10, help="steps per logged window")
     p.add_argument("--source", choices=["local", "s3"], default="local")
@@ -82,7 +84,8 @@ def main() -> None:
         raw["train"] |= {"max_steps": args.steps, "log_every": args.window, "checkpoint_every": 0}
         raw["eval"] = {"at_end": False}
         raw["gradcache"] = {"enabled": args.gradcache_chunk > 0, "chunk_size": args.gradcache_chunk or 64}
-        raw["monitoring"] = {"enabled": False}
+        # Phase timing needs the metrics registry; port 0: any free port for its endpoint.
+        raw["monitoring"] = {"enabled": args.phases, "metrics_port": 0, "phase_timing": args.phases}
         raw["cluster"] |= {"launcher": "local", "num_workers": 1}
         cfg = build_config(raw)
         _launch(cfg, None)
@@ -93,7 +96,9 @@ def main() -> None:
             "prefetch": args.prefetch, "read_ahead_mb": args.read_ahead_mb, "loader_workers": args.loader_workers, "batch": args.batch, "gradcache_chunk": args.gradcache_chunk, "steps": args.steps,
             "first_window_wait": round(windows[0]["data_wait_fraction"], 4),
             "steady_wait": round(sum(w["data_wait_fraction"] for w in steady) / len(steady), 4),
-            "steady_samples_per_s": round(sum(w["samples_per_second"] for w in steady) / len(steady), 1)}, args.out)
+            "steady_samples_per_s": round(sum(w["samples_per_second"] for w in steady) / len(steady), 1),
+            **({"steady_phase_seconds": {k: round(sum(w["phase_seconds"][k] for w in steady) / len(steady), 4)
+                                         for k in steady[0]["phase_seconds"]}} if args.phases else {})}, args.out)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ def query(url: str, promql: str) -> list[dict]:
     return body["data"]["result"]
 
 
+def cfg_batch(path) -> int:
+    from launch.config import load_config
+
+    return load_config(path).data.batch_size
+
+
 def test_prometheus_scrapes_a_two_worker_run(prometheus, phantom_dir):
     url, runs = prometheus
     raw = tiny_config(phantom_dir, runs, train={"max_steps": STEPS, "log_every": 20, "checkpoint_every": 100},
@@ -94,6 +100,14 @@ def test_prometheus_scrapes_a_two_worker_run(prometheus, phantom_dir):
     assert float(job[0]["value"][1]) > 0
     phases = query(url, 'count by (phase) (max_over_time(hilum_phase_seconds{run="t"}[10m]))')
     assert PHASES <= {r["metric"]["phase"] for r in phases}
+    # metrics.jsonl has each window's mean phase times; together they make up most of the step
+    # (a window's time also holds a checkpoint save or the log line's collectives: not phases).
+    shares = []
+    for window in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        assert PHASES <= set(window["phase_seconds"])
+        per_step = cfg_batch(cfg) * 2 / window["samples_per_second"]  # 2 ranks
+        shares.append(sum(window["phase_seconds"].values()) / per_step)
+    assert all(0 < s <= 1.0 for s in shares) and sorted(shares)[len(shares) // 2] > 0.5, shares
 
     # The metric set and its labels, from each rank's final snapshot.
     for rank in (0, 1):

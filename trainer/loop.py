@@ -359,6 +359,7 @@ class Progress:
     def restart_window(self) -> None:
         self.window_start, self.window_samples, self.window_steps = time.perf_counter(), 0, 0
         self.window_step_seconds = self.window_data_seconds = 0.0
+        self.window_phases: Counter[str] = Counter()  # seconds per phase, when monitoring.phase_timing
 
     def check_stragglers(self) -> None:
         """Compare every rank's mean step time over the window with the median rank (collective)."""
@@ -381,6 +382,7 @@ class Progress:
         self.window_steps += 1
         self.window_step_seconds += step_seconds
         self.window_data_seconds += data_seconds
+        self.window_phases.update(phases or {})
         self.epoch_skipped.update(batch["_skipped"])
         self.epoch_filled.update(batch.get("_filled", {}))
         losses = {k: values[k] for k in ["loss", *(t.name for t in cfg.objectives)]}
@@ -404,6 +406,8 @@ class Progress:
         self.last = {"step": state.step, "time": time.time(), "epoch": state.position.epoch, "loss": loss, "samples_per_second": rate,
                      "data_wait_fraction": data_share, "lr": w.engine.get_lr()[0],
                      **{k: v for k, v in values.items() if k != "loss"}}
+        if self.window_phases:  # mean seconds per step of each phase over the window
+            self.last["phase_seconds"] = {k: v / self.window_steps for k, v in self.window_phases.items()}
         if w.info.is_main:
             terms = " ".join(f"{t.name} {values[t.name]:.4f}" for t in cfg.objectives)
             if similarity:

@@ -23,8 +23,9 @@
 #              bytes per batch): GPU decode at 4 workers, S3 then local (CPU decode was measured in
 #              session 6), each with shard read-ahead (data.read_ahead_mb 32, session 9) and without;
 #              data_wait: the same training run as data_wait5
-#   datagap    why training from S3 ran at 53 % of the in-memory step in session 9: the in-memory step
-#              with padded reports, and the data_wait run from local disk (no moto server)
+#   datagap    why training from S3 ran at 53 % of the in-memory step in session 9: that run with its
+#              phases timed (compare with plain's), the in-memory step with padded reports, and the
+#              data_wait run from local disk (no moto server)
 # Session 6 ran ONLY=anchor,plain,gcstage,data,data_wait (gcbest ran out of time); session 9
 # anchor,plain,gcbest,data,data_wait,gcdata (gcbest ran out of time again, with --phases; measured
 # in a second call without). Next: ONLY=anchor,plain,data,data_wait,datagap (the default, in
@@ -150,6 +151,9 @@ if run data_wait; then  # with data.prefetch = 2 (the default now)
   step data_wait
 fi
 if run datagap; then  # why training from S3 ran at 1 056 samples/s against 1 986 in memory (session 9)
+  timeout 95 python3 benchmarks/data_wait.py $WAIT --phases --source s3 --cache /tmp/hilum-bench-data --out "$OUT/datagap.jsonl" 2>&1 \
+    | grep -E "step [0-9]+/|data_wait|Error|error" | quiet
+  step "data_wait from S3, phases timed"
   eval timeout 45 python3 benchmarks/gradcache.py $LAYOUT_PLAIN --steps 3 --zero 1 --padded on --out "$OUT/datagap.jsonl" 2>&1 | quiet
   step "plain zero 1, padded text (in memory)"
   timeout 95 python3 benchmarks/data_wait.py $WAIT --source local --cache /tmp/hilum-bench-data --out "$OUT/datagap.jsonl" 2>&1 \
