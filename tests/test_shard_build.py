@@ -211,6 +211,8 @@ def test_rerun_finishes_an_interrupted_build_and_rebuilds_what_changed(mimic, tm
     assert again.shards_written == 1 and again.shards_reused == first.shards_written - 1
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
     assert again.samples == first.samples
+    shards = json.loads((out / "train.json").read_text())["shards"]
+    assert all(len(s["offsets"]) == s["num_samples"] for s in shards)  # reused shards keep their offsets
     # A changed option invalidates every shard it touches.
     resized = build(records, str(out), samples_per_shard=8, image=ImageOptions(resize=48), progress=False)
     assert resized.shards_reused == 0
@@ -241,6 +243,8 @@ def test_verify_passes_good_shards_and_names_each_problem(mimic, tmp_path):
     assert not report.ok and report.samples < report.expected
     assert f"{shards[0]}: manifest says" in text and "cannot open" in text and shards[1] in text
     assert f"sample {Path(bad).stem}: image does not decode" in text
+    # the cut image moved every later sample: the manifest's offsets no longer hold there
+    assert f"{shards[2]}: manifest offsets do not match the tar: sample 1 " in text
 
 
 def test_csv_layout_with_report_files_text_sections_and_labels(tmp_path):

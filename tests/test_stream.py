@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
 from collections import Counter
@@ -11,13 +12,14 @@ import pytest
 import torch
 
 from tests.conftest import simple_samples
-from trainer.data.shards import load_manifest, write_shards
+from trainer.data.shards import Manifest, load_manifest, write_shards
 from trainer.data.stream import (
     Preprocess,
     ShardStream,
     StreamPosition,
     StreamSpec,
     batches_per_epoch,
+    iter_raw_samples,
     make_loader,
     resume_position,
 )
@@ -210,6 +212,47 @@ def test_a_slot_with_no_usable_sample_fails_instead_of_spinning(tmp_path):
     m = load_manifest(str(tmp_path / "train.json"))
     with pytest.raises(RuntimeError, match="no usable samples"):
         rank_batches(m, StreamSpec(batch_size=4, world_size=1, num_workers=0), 0)
+
+
+def _without_offsets(m):
+    return dataclasses.replace(m, shards=tuple(dataclasses.replace(s, offsets=None) for s in m.shards))
+
+
+@pytest.mark.parametrize("read_ahead", READ_AHEAD)
+def test_slots_starting_mid_shard_read_from_the_recorded_offset_with_the_same_batches(shards, read_ahead):
+    m = load_manifest(str(shards))
+    assert all(s.offsets is not None and s.offsets[0] == 0 for s in m.shards)
+    spec = StreamSpec(batch_size=4, world_size=2, num_workers=2, seed=3, shuffle_buffer=8)  # 4 slots of 24
+    for rank in (0, 1):
+        fast = rank_batches(m, spec, rank, read_ahead=read_ahead)
+        slow = rank_batches(_without_offsets(m), spec, rank, read_ahead=read_ahead)
+        assert keys_of(fast) == keys_of(slow)
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(fast, slow))
+
+
+def test_the_bytes_before_a_slot_are_not_read(shards, tmp_path):
+    """Garbage where a shard's first samples were: a range that starts after them never sees it."""
+    m = load_manifest(str(shards))
+    shard = m.shards[0]
+    data = bytearray(Path(shard.url).read_bytes())
+    data[: shard.offsets[5]] = b"\xff" * shard.offsets[5]
+    (tmp_path / "s.tar").write_bytes(bytes(data))
+    damaged = Manifest((dataclasses.replace(shard, url=str(tmp_path / "s.tar")),))
+    errors = []
+    samples = list(iter_raw_samples(damaged, [0], 5, 20, lambda *e: errors.append(e)))
+    assert [s["__key__"] for s in samples] == [f"s{i:05d}" for i in range(5, 20)] and not errors
+    samples = list(iter_raw_samples(_without_offsets(damaged), [0], 5, 20, lambda *e: errors.append(e)))
+    assert not samples and errors[0][0] == "truncated_shard" and errors[0][3] == 15  # read from byte 0: lost
+
+
+def test_malformed_offsets_are_refused_with_the_shard_named(shards, tmp_path):
+    import json
+
+    raw = json.loads(shards.read_text())
+    raw["shards"][2]["offsets"] = raw["shards"][2]["offsets"][:-1]
+    (tmp_path / "m.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"shards\[2\]: 'offsets'"):
+        load_manifest(str(tmp_path / "m.json"))
 
 
 def test_stream_reads_through_fsspec_memory_filesystem():

@@ -27,18 +27,20 @@ _DATA, _END, _OPEN_ERROR, _READ_ERROR = "data", "end", "open_error", "read_error
 
 
 class ShardReadAhead:
-    """Reads ``urls`` in order in a daemon thread; the consumer takes one stream per URL, in order.
+    """Reads ``sources`` in order in a daemon thread; the consumer takes one stream per source, in order.
+
+    A source is whatever ``open_stream`` opens (a URL, or a URL and the byte to start at).
 
     A consumer that closes a stream before its end (it needed only the shard's first samples)
     cancels the rest of that shard: the thread stops fetching it and moves on to the next one.
     :meth:`close` stops the thread (it exits after its current read).
     """
 
-    def __init__(self, urls: Sequence[str], open_stream: Callable[[str], BinaryIO], limit_bytes: int,
+    def __init__(self, sources: Sequence[Any], open_stream: Callable[[Any], BinaryIO], limit_bytes: int,
                  block_bytes: int = BLOCK_BYTES) -> None:
         if limit_bytes <= 0:
             raise ValueError(f"limit_bytes must be positive, got {limit_bytes}")
-        self._urls, self._open, self._limit = list(urls), open_stream, limit_bytes
+        self._sources, self._open, self._limit = list(sources), open_stream, limit_bytes
         self._block = min(block_bytes, limit_bytes)  # so the bytes held stay under twice the limit
         self._items: deque[tuple[int, str, Any]] = deque()
         self._buffered = 0  # bytes in _items
@@ -53,11 +55,11 @@ class ShardReadAhead:
 
     def _run(self) -> None:
         try:
-            for index, url in enumerate(self._urls):
+            for index, source in enumerate(self._sources):
                 if self._stopped:
                     return
                 try:
-                    stream = self._open(url)
+                    stream = self._open(source)
                 except Exception as err:  # noqa: BLE001 - handed to the consumer, which counts it
                     self._put(index, _OPEN_ERROR, err)
                     continue
@@ -114,9 +116,9 @@ class ShardReadAhead:
             return kind, payload
 
     def next_stream(self) -> io.RawIOBase:
-        """The next URL's bytes as a stream; raises the error that opening it raised."""
+        """The next source's bytes as a stream; raises the error that opening it raised."""
         index = self._next
-        if index >= len(self._urls):
+        if index >= len(self._sources):
             raise IndexError("every shard was handed out already")
         self._next += 1
         kind, payload = self._take(index, peek=True)

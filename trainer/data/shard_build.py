@@ -18,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import posixpath
+import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ import fsspec
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from trainer.data.shards import Manifest, ShardSpec, load_manifest
 from trainer.data.sources import Record, split_records
@@ -73,6 +74,7 @@ class ShardResult:
     skipped: dict[str, int]
     bytes: int
     reused: bool = False
+    offsets: list[int] | None = None  # each sample's byte offset (absent from records of older builds)
 
 
 def encode_image(data: bytes, ext: str, options: ImageOptions) -> tuple[bytes, str]:
@@ -109,7 +111,7 @@ def build_shard(task: ShardTask) -> ShardResult:
     fs, root = url_to_fs(task.out, task.storage_options)
     tar_path = posixpath.join(root, f"{task.name}.tar")
     skipped: Counter[str] = Counter()
-    count = 0
+    offsets: list[int] = []
     # A fixed member mtime makes shards reproducible: the same inputs give byte-identical tars.
     with fs.open(tar_path, "wb") as raw, wds.TarWriter(raw, mtime=SHARD_MTIME) as sink:
         for r in task.records:
@@ -128,13 +130,13 @@ def build_shard(task: ShardTask) -> ShardResult:
                 skipped["bad_image"] += 1
                 log.warning("sample %s: image %s unusable (%s: %s); skipped", r.key, redact_url(r.image), type(err).__name__, err)
                 continue
+            offsets.append(sink.tarstream.offset)
             sink.write({"__key__": r.key, ext: data, "json": r.sample_json()})
-            count += 1
     size = fs.size(tar_path)
-    if count == 0:
+    if not offsets:
         fs.rm(tar_path)
         size = 0
-    result = ShardResult(task.name, count, dict(skipped), size)
+    result = ShardResult(task.name, len(offsets), dict(skipped), size, offsets=offsets)
     with fs.open(_record_path(root, task), "w") as f:
         json.dump({**asdict(result), "fingerprint": task.fingerprint}, f)
     return result
@@ -217,12 +219,13 @@ def build(
         rs = [results[t.name] for t in ts]
         for r in rs:
             skipped.update(r.skipped)
-        specs = [ShardSpec(f"{r.name}.tar", r.num_samples) for r in rs if r.num_samples]
+        specs = [ShardSpec(f"{r.name}.tar", r.num_samples, tuple(r.offsets) if r.offsets else None)
+                 for r in rs if r.num_samples]
         samples[split] = sum(s.num_samples for s in specs)
         if not specs:
             log.warning("split %s: no usable samples; no manifest written", split)
             continue
-        manifest = {"shards": [asdict(s) for s in specs],
+        manifest = {"shards": [s.to_json() for s in specs],
                     "build": {"samples": samples[split], "skipped": dict(sum((Counter(r.skipped) for r in rs), Counter()))}}
         with fs.open(posixpath.join(root, f"{split}.json"), "w") as f:
             json.dump(manifest, f, indent=1)
@@ -264,8 +267,9 @@ def check_shard(args: tuple[ShardSpec, dict[str, Any]]) -> ShardCheck:
     except Exception as err:  # noqa: BLE001 - any failure to open is the finding
         check.problems.append(f"{check.url}: cannot open ({type(err).__name__}: {err})")
         return check
+    starts: list[int] = []  # where each sample's first member begins, to check the manifest's offsets
     try:
-        for sample in group_by_keys(tar_file_expander([{"url": spec.url, "stream": stream}], handler=_reraise), handler=_reraise):
+        for sample in group_by_keys(_members(stream, spec.url, starts), handler=_reraise):
             key = sample.get("__key__", "?")
             check.samples += 1
             check.keys.append(key)
@@ -278,7 +282,29 @@ def check_shard(args: tuple[ShardSpec, dict[str, Any]]) -> ShardCheck:
         stream.close()
     if check.samples != spec.num_samples:
         check.problems.append(f"{check.url}: manifest says {spec.num_samples} samples, shard has {check.samples}")
+    elif spec.offsets is not None and list(spec.offsets) != starts:
+        first = next(i for i, (a, b) in enumerate(zip(spec.offsets, starts)) if a != b)
+        check.problems.append(f"{check.url}: manifest offsets do not match the tar: sample {first} "
+                              f"({check.keys[first]}) starts at byte {starts[first]}, not {spec.offsets[first]}")
     return check
+
+
+def _members(stream: Any, url: str, starts: list[int]) -> Iterable[dict[str, Any]]:
+    """The tar's files as webdataset's expander gives them, noting where each sample starts.
+
+    tarfile rather than webdataset's expander, because only tarfile reports each member's offset."""
+    last = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:  # as webdataset: compressed tars too
+        for info in tar:
+            if not info.isreg():
+                continue
+            key = base_plus_ext(info.name)[0]
+            if key is None:  # no extension: webdataset's grouping skips it too
+                continue
+            if key != last:
+                starts.append(info.offset)
+                last = key
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
 
 
 def _reraise(exn: Exception) -> bool:

@@ -4,13 +4,19 @@ A manifest is a small JSON file: ``{"shards": [{"url": ..., "num_samples": ...},
 counts make epochs exact (every rank knows the epoch's length before reading a byte) and let a
 resumed run find its position. Shard URLs may be relative to the manifest's own location, so a
 data directory can be copied to object storage unchanged. Every URL goes through fsspec.
+
+hilum's writers also record ``offsets``: the byte where each sample's first tar member starts. A
+loader worker whose slot begins mid-shard then starts reading there instead of downloading and
+parsing the samples before it, which are another slot's; with many ranks a slot spans only a few
+shards, and that prefix would be a large share of what each worker reads. Manifests without
+offsets (any other WebDataset writer) read the prefix as before.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import webdataset as wds
@@ -22,6 +28,13 @@ from trainer.data.storage import open_with_retry, redact_url, url_to_fs
 class ShardSpec:
     url: str
     num_samples: int
+    offsets: tuple[int, ...] | None = None  # byte offset of each sample in the tar; None: not recorded
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"url": self.url, "num_samples": self.num_samples}
+        if self.offsets is not None:
+            out["offsets"] = list(self.offsets)
+        return out
 
 
 @dataclass(frozen=True)
@@ -56,8 +69,20 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
     for i, s in enumerate(shards):
         if not isinstance(s, dict) or not isinstance(s.get("url"), str) or not isinstance(s.get("num_samples"), int):
             raise ValueError(f"manifest {redact_url(url)}: shards[{i}] needs 'url' (string) and 'num_samples' (integer)")
-        specs.append(ShardSpec(_join(url, s["url"]), s["num_samples"]))
+        specs.append(ShardSpec(_join(url, s["url"]), s["num_samples"], _offsets(s, f"{redact_url(url)}: shards[{i}]")))
     return Manifest(tuple(specs), source=url)
+
+
+def _offsets(shard: dict[str, Any], where: str) -> tuple[int, ...] | None:
+    offsets = shard.get("offsets")
+    if offsets is None:
+        return None
+    ok = (isinstance(offsets, list) and len(offsets) == shard["num_samples"]
+          and all(isinstance(o, int) and o >= 0 and o % 512 == 0 for o in offsets)
+          and all(a < b for a, b in zip(offsets, offsets[1:])))
+    if not ok:
+        raise ValueError(f"manifest {where}: 'offsets' must list num_samples increasing multiples of 512 (tar blocks)")
+    return tuple(offsets)
 
 
 def write_shards(
@@ -79,20 +104,20 @@ def write_shards(
     done = False
     while not done:
         name = f"{prefix}-{len(specs):06d}.tar"
-        count = 0
+        offsets: list[int] = []
         with fs.open(posixpath.join(root, name), "wb") as raw, wds.TarWriter(raw) as sink:
             for sample in it:
+                offsets.append(sink.tarstream.offset)
                 sink.write(sample)
-                count += 1
-                if count == samples_per_shard:
+                if len(offsets) == samples_per_shard:
                     break
             else:
                 done = True
-        if count == 0:
+        if not offsets:
             fs.rm(posixpath.join(root, name))
         else:
-            specs.append(ShardSpec(name, count))
-    manifest = {"shards": [asdict(s) for s in specs]}
+            specs.append(ShardSpec(name, len(offsets), tuple(offsets)))
+    manifest = {"shards": [s.to_json() for s in specs]}
     with fs.open(posixpath.join(root, f"{prefix}.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return load_manifest(posixpath.join(out_dir, f"{prefix}.json"), storage_options)

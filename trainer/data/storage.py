@@ -130,11 +130,13 @@ class RetryingReader(io.RawIOBase):
     """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, attempts: int = 4,
-                 backoff_s: float = 0.5) -> None:
+                 backoff_s: float = 0.5, start: int = 0) -> None:
         super().__init__()
         self.url, self.storage_options, self.attempts, self.backoff_s = url, storage_options, attempts, backoff_s
         self._file = open_with_retry(url, "rb", storage_options, attempts, backoff_s)
-        self._offset = 0
+        self._offset = start  # a ranged read from here: the bytes before are never fetched
+        if start:
+            self._file.seek(start)
 
     def readable(self) -> bool:
         return True

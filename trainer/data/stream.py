@@ -137,8 +137,8 @@ def _batch_sizes(per: int, batch_size: int) -> list[int]:
     return [batch_size] * (n - 1) + [per - (n - 1) * batch_size]
 
 
-def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> Any:
-    return RetryingReader(url, storage_options)
+def open_shard(url: str, storage_options: dict[str, Any] | None = None, start: int = 0) -> Any:
+    return RetryingReader(url, storage_options, start=start)
 
 
 ShardErrorHandler = Callable[[str, str, Exception, int], None]
@@ -160,24 +160,30 @@ def iter_raw_samples(
     after its retries (``truncated_shard``) loses its remaining samples of the range; they are
     reported to ``on_error`` with their number, and reading goes on with the next shard. With
     ``read_ahead_bytes`` > 0 a background thread fetches up to that many bytes ahead of the parser
-    (:mod:`trainer.data.read_ahead`).
+    (:mod:`trainer.data.read_ahead`). A range that starts mid-shard starts reading at its first
+    sample's byte when the manifest records offsets.
     """
-    plan = []  # (shard, first, last, lo) of each shard the range touches, in stream order
+    plan = []  # (shard, lo, first, last, begin, byte) of each shard the range touches, in stream order
     offset = 0
     for idx in order:
         shard = manifest.shards[idx]
         lo, hi = offset, offset + shard.num_samples
         offset = hi
         if hi > start and lo < stop:
-            plan.append((shard, max(lo, start), min(hi, stop), lo))
+            first = max(lo, start)
+            # Parsing begins at sample `begin` (global index), byte `byte` of the shard: with
+            # recorded offsets, the samples before `first` are skipped unread.
+            begin, byte = (first, shard.offsets[first - lo]) if shard.offsets is not None else (lo, 0)
+            plan.append((shard, lo, first, min(hi, stop), begin, byte))
     ahead = None
     if read_ahead_bytes > 0 and plan:
-        ahead = ShardReadAhead([s.url for s, *_ in plan], lambda url: open_shard(url, storage_options), read_ahead_bytes)
+        ahead = ShardReadAhead([(p[0].url, p[5]) for p in plan],
+                               lambda source: open_shard(source[0], storage_options, source[1]), read_ahead_bytes)
     try:
-        for shard, first, last, lo in plan:
-            position = lo
+        for shard, lo, first, last, begin, byte in plan:
+            position = begin  # the stream's index of the next sample the parser meets
             try:
-                stream = ahead.next_stream() if ahead else open_shard(shard.url, storage_options)
+                stream = ahead.next_stream() if ahead else open_shard(shard.url, storage_options, byte)
             except Exception as err:  # noqa: BLE001 - a missing shard is counted, not fatal
                 reason = "missing_shard" if isinstance(err, FileNotFoundError) else "unreadable_shard"
                 on_error(reason, f"shard {redact_url(shard.url)}", err, last - first)
