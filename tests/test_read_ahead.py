@@ -53,6 +53,15 @@ def read_n(stream, n: int) -> bytes:
     return bytes(out)
 
 
+def wait_until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @pytest.mark.parametrize("limit,block", [(1, 1), (5, 3), (1 << 20, 1 << 16)])
 def test_every_shard_arrives_whole_and_in_order(limit, block):
     shards = {f"s{i}": os.urandom(n) for i, n in enumerate([0, 1, 1000, 4097, 33])}  # one empty
@@ -73,11 +82,14 @@ def test_the_thread_stays_within_its_limit_of_the_consumer():
     ahead = ShardReadAhead(["a"], lambda url: CountingFile(data, taken=taken), limit_bytes=10_000, block_bytes=1_000)
     try:
         stream = ahead.next_stream()
-        time.sleep(0.2)  # the consumer reads nothing: the thread must stop at the limit
-        assert 10_000 <= sum(taken) <= 10_000 + 1_000
-        assert read_n(stream, 25_000) == data[:25_000]
+        # The consumer reads nothing: the thread must reach the limit and stop there.
+        assert wait_until(lambda: sum(taken) >= 10_000)
         time.sleep(0.2)
-        assert 35_000 <= sum(taken) <= 35_000 + 1_000  # and catch up once the consumer moves on
+        assert sum(taken) <= 10_000 + 1_000
+        assert read_n(stream, 25_000) == data[:25_000]
+        assert wait_until(lambda: sum(taken) >= 35_000)  # and catch up once the consumer moves on
+        time.sleep(0.2)
+        assert sum(taken) <= 35_000 + 1_000
         assert stream.read() == data[25_000:]
         stream.close()
     finally:
