@@ -29,7 +29,7 @@ _DATA, _END, _OPEN_ERROR, _READ_ERROR = "data", "end", "open_error", "read_error
 class ShardReadAhead:
     """Reads ``sources`` in order in a daemon thread; the consumer takes one stream per source, in order.
 
-    A source is whatever ``open_stream`` opens (a URL, or a URL and the byte to start at).
+    A source is whatever ``open_stream`` opens (a URL; for the stream, a shard and the byte to start at).
 
     A consumer that closes a stream before its end (it needed only the shard's first samples)
     cancels the rest of that shard: the thread stops fetching it and moves on to the next one.

@@ -32,7 +32,7 @@ import random
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from trainer.data.augment import AugmentParams, AugmentSpec, apply_params, draw_params
 from trainer.data.read_ahead import ShardReadAhead
-from trainer.data.shards import Manifest
+from trainer.data.shards import Manifest, ShardSpec
 from trainer.data.storage import RetryingReader, redact_url
 from trainer.labels import LABEL_TEXTS, LABELS_CUT, LabelSpec, image_labels
 
@@ -145,6 +145,17 @@ ShardErrorHandler = Callable[[str, str, Exception, int], None]
 """Called as ``(reason, where, error, samples_lost)`` when a shard cannot be read to its end."""
 
 
+class _ShardRange(NamedTuple):
+    """The part of one shard a range needs; sample numbers are the epoch order's (global)."""
+
+    shard: ShardSpec
+    lo: int  # the shard's first sample
+    first: int  # the range's first sample in this shard
+    last: int  # one past the range's last sample in this shard
+    begin: int  # the sample the parser meets first: ``first`` when offsets let it skip, else ``lo``
+    byte: int  # where in the shard reading starts
+
+
 def iter_raw_samples(
     manifest: Manifest,
     order: Sequence[int],
@@ -163,7 +174,7 @@ def iter_raw_samples(
     (:mod:`trainer.data.read_ahead`). A range that starts mid-shard starts reading at its first
     sample's byte when the manifest records offsets.
     """
-    plan = []  # (shard, lo, first, last, begin, byte) of each shard the range touches, in stream order
+    plan: list[_ShardRange] = []  # each shard the range touches, in stream order
     offset = 0
     for idx in order:
         shard = manifest.shards[idx]
@@ -171,14 +182,11 @@ def iter_raw_samples(
         offset = hi
         if hi > start and lo < stop:
             first = max(lo, start)
-            # Parsing begins at sample `begin` (global index), byte `byte` of the shard: with
-            # recorded offsets, the samples before `first` are skipped unread.
             begin, byte = (first, shard.offsets[first - lo]) if shard.offsets is not None else (lo, 0)
-            plan.append((shard, lo, first, min(hi, stop), begin, byte))
+            plan.append(_ShardRange(shard, lo, first, min(hi, stop), begin, byte))
     ahead = None
     if read_ahead_bytes > 0 and plan:
-        ahead = ShardReadAhead([(p[0].url, p[5]) for p in plan],
-                               lambda source: open_shard(source[0], storage_options, source[1]), read_ahead_bytes)
+        ahead = ShardReadAhead(plan, lambda r: open_shard(r.shard.url, storage_options, r.byte), read_ahead_bytes)
     try:
         for shard, lo, first, last, begin, byte in plan:
             position = begin  # the stream's index of the next sample the parser meets
