@@ -64,10 +64,11 @@ def host_bytes_per_rank(cfg: HilumConfig) -> int:
     plus ``data.prefetch`` + 1 in the training process. GPU decode: only GradCache keeps the
     decoded batch on the host (bf16: 2 bytes a value), ``data.prefetch`` + 1 of them.
     """
+    from trainer.engine import device_type
+
     d = cfg.data
-    gpu = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and torch.cuda.is_available())
     values = d.batch_size * d.in_chans * d.image_size**2
-    if d.decodes_on_device("cuda" if gpu else "cpu"):
+    if d.decodes_on_device(device_type(cfg.cluster.device)):
         return values * 2 * (d.prefetch + 1) if cfg.gradcache.enabled else 0
     return values * 4 * (2 * d.num_workers + d.prefetch + 1)
 

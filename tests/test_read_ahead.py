@@ -6,6 +6,7 @@ import io
 import os
 import threading
 import time
+from contextlib import closing
 
 import pytest
 
@@ -65,22 +66,19 @@ def wait_until(condition, timeout_s: float = 10.0) -> bool:
 @pytest.mark.parametrize("limit,block", [(1, 1), (5, 3), (1 << 20, 1 << 16)])
 def test_every_shard_arrives_whole_and_in_order(limit, block):
     shards = {f"s{i}": os.urandom(n) for i, n in enumerate([0, 1, 1000, 4097, 33])}  # one empty
-    ahead = ShardReadAhead(list(shards), lambda url: CountingFile(shards[url]), limit, block)
-    try:
+    with closing(ShardReadAhead(list(shards), lambda url: CountingFile(shards[url]), limit, block)) as ahead:
         for data in shards.values():
             with ahead.next_stream() as stream:
                 assert read_all(stream) == data
         with pytest.raises(IndexError):
             ahead.next_stream()
-    finally:
-        ahead.close()
 
 
 def test_the_thread_stays_within_its_limit_of_the_consumer():
     taken: list[int] = []
     data = os.urandom(100_000)
     ahead = ShardReadAhead(["a"], lambda url: CountingFile(data, taken=taken), limit_bytes=10_000, block_bytes=1_000)
-    try:
+    with closing(ahead):
         stream = ahead.next_stream()
         # The consumer reads nothing: the thread must reach the limit and stop there.
         assert wait_until(lambda: sum(taken) >= 10_000)
@@ -92,8 +90,6 @@ def test_the_thread_stays_within_its_limit_of_the_consumer():
         assert sum(taken) <= 35_000 + 1_000
         assert stream.read() == data[25_000:]
         stream.close()
-    finally:
-        ahead.close()
 
 
 def test_a_shard_that_cannot_be_opened_raises_at_its_turn_and_the_others_still_arrive():
@@ -104,23 +100,19 @@ def test_a_shard_that_cannot_be_opened_raises_at_its_turn_and_the_others_still_a
             raise FileNotFoundError(url)
         return CountingFile(shards[url])
 
-    ahead = ShardReadAhead(list(shards), open_stream, limit_bytes=2, block_bytes=1)
-    try:
+    with closing(ShardReadAhead(list(shards), open_stream, limit_bytes=2, block_bytes=1)) as ahead:
         with ahead.next_stream() as s:
             assert s.read() == b"first"
         with pytest.raises(FileNotFoundError, match="gone"):
             ahead.next_stream()
         with ahead.next_stream() as s:
             assert s.read() == b"third"
-    finally:
-        ahead.close()
 
 
 def test_a_read_that_fails_raises_after_the_bytes_before_it():
     data = os.urandom(5000)
     files = {"a": CountingFile(data, fail_at=3000), "b": CountingFile(b"next")}
-    ahead = ShardReadAhead(list(files), files.__getitem__, limit_bytes=1024, block_bytes=512)
-    try:
+    with closing(ShardReadAhead(list(files), files.__getitem__, limit_bytes=1024, block_bytes=512)) as ahead:
         s = ahead.next_stream()
         assert read_n(s, 3000) == data[:3000]
         with pytest.raises(ConnectionError):
@@ -129,24 +121,19 @@ def test_a_read_that_fails_raises_after_the_bytes_before_it():
         s.close()
         with ahead.next_stream() as s:
             assert s.read() == b"next"
-    finally:
-        ahead.close()
 
 
 def test_closing_a_shard_early_cancels_its_tail_and_the_next_one_starts_clean():
     taken: list[int] = []
     big, small = os.urandom(200_000), os.urandom(300)
     files = {"big": CountingFile(big, taken=taken), "small": CountingFile(small)}
-    ahead = ShardReadAhead(list(files), files.__getitem__, limit_bytes=4_000, block_bytes=1_000)
-    try:
+    with closing(ShardReadAhead(list(files), files.__getitem__, limit_bytes=4_000, block_bytes=1_000)) as ahead:
         s = ahead.next_stream()
         assert read_n(s, 10) == big[:10]
         s.close()  # the consumer needed only the shard's first samples
         with ahead.next_stream() as s:
             assert s.read() == small
         assert sum(taken) < 20_000  # the big shard's tail was not fetched
-    finally:
-        ahead.close()
 
 
 def test_close_stops_the_thread_even_while_it_waits_at_its_limit():

@@ -19,8 +19,13 @@ if TYPE_CHECKING:  # the schema belongs to launch/, which trainer/ never imports
     from launch.config import HilumConfig
 
 
+def device_type(requested: str) -> str:
+    """``cluster.device`` resolved on this machine: "cuda" or "cpu" (auto takes CUDA when visible)."""
+    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+    if device_type(requested) == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("cluster.device is 'cuda' but no CUDA device is visible")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
