@@ -70,6 +70,37 @@ def prepare(cache: Path, samples: int, size: int) -> tuple[Path, Path, dict]:
     return shards, tok, info
 
 
+def repeated(shards: Path, times: int) -> Path:
+    """The training shards' samples ``times`` over, each copy's keys renamed, as a new data set.
+
+    Why: the rendered set is small (rendering 512² phantoms costs ~30 ms an image), and with four
+    workers an epoch of it is ~200 samples a worker, less than the shuffle buffer. Each epoch then
+    starts with a worker reading its whole slot (opening its shards afresh) before its first
+    batch, a cost a MIMIC-scale epoch (hundreds of thousands of samples) pays once in minutes.
+    Copies give a real epoch's proportions at the cost of rewriting tar files."""
+    if times <= 1:
+        return shards
+    from trainer.data.shards import load_manifest, write_shards
+    from trainer.data.stream import iter_raw_samples
+
+    out = shards.parent / f"shards-x{times}"
+    if (out / "train.json").is_file():
+        return out
+    manifest = load_manifest(str(shards / "train.json"))
+
+    def fail(reason: str, where: str, err: Exception, lost: int) -> None:
+        raise RuntimeError(f"{reason}: {where}") from err
+
+    def samples():
+        order = list(range(len(manifest.shards)))
+        for copy in range(times):
+            for s in iter_raw_samples(manifest, order, 0, manifest.num_samples, fail):
+                yield {k: v for k, v in s.items() if not k.startswith("__")} | {"__key__": f"{copy}-{s['__key__']}"}
+
+    write_shards(samples(), str(out), "train", samples_per_shard=128)
+    return out
+
+
 def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int, batch: int, image_size: int,
                 gpu: bool, batches: int, decode_device: str = "cuda", read_ahead_mb: int = 32) -> dict:
     """Steady-state rate: the stream runs across epochs; timing starts once every loader worker
@@ -126,6 +157,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1024, help="images in the generated data set (about)")
     p.add_argument("--size", type=int, default=512, help="stored JPEG side")
     p.add_argument("--image-size", type=int, default=224, help="training crop side")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="train on the training samples this many times over (copies with renamed keys): epochs of a "
+                        "real data set's proportions without rendering more images")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batches", type=int, default=32, help="timed batches per configuration, after warm-up")
     p.add_argument("--workers", default="1,2,4,8", help="CPU-decode loader workers to try")
@@ -139,6 +173,8 @@ def main() -> None:
                         "none for the loader alone (workers parse and ship the JPEG bytes, nothing decodes them)")
     p.add_argument("--out", type=Path, help="append JSON lines here")
     args = p.parse_args()
+    # As `hilum train` runs its loader workers: one tokenizer thread each, not a pool per worker.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import contextlib
 
@@ -147,6 +183,8 @@ def main() -> None:
 
     cache = Path(args.cache) / f"n{args.samples}-s{args.size}"
     shards, tok, info = prepare(cache, args.samples, args.size)
+    shards = repeated(shards, args.repeat)
+    info = {**info, "repeat": args.repeat, "epoch_samples": info["train_samples"] * args.repeat}
     stamp = {"date": datetime.date.today().isoformat(), "machine": machine(), "torch": torch.__version__}
     record({"bench": "shards_build", **stamp, **info}, args.out)
 

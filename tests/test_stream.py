@@ -61,6 +61,18 @@ def test_manifest_counts_and_relative_urls(shards):
     assert all(Path(s.url).is_file() for s in m.shards)
 
 
+def test_written_shards_are_reproducible_plain_tar_without_pax_headers(shards, tmp_path):
+    # Two writes of the same samples give the same bytes, and no member carries a PAX header
+    # (a float mtime would add one before every member: more bytes, a second header to parse).
+    again = tmp_path / "again"
+    write_shards(simple_samples(96), str(again), "train", samples_per_shard=20)
+    first = sorted(shards.parent.glob("train-*.tar"))
+    assert [p.read_bytes() for p in first] == [(again / p.name).read_bytes() for p in first]
+    with tarfile.open(first[0]) as tar:
+        members = tar.getmembers()
+    assert members and all(m.pax_headers == {} and m.isfile() for m in members)
+
+
 def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(shards):
     m = load_manifest(str(shards))
     spec = StreamSpec(batch_size=6, world_size=2, num_workers=2, seed=3, shuffle_buffer=8)

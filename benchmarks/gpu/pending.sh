@@ -22,14 +22,19 @@
 #   data       issue 3 as built in session 6 (batched augmentation, prefetch thread, one tensor of JPEG
 #              bytes per batch): GPU decode at 4 workers, S3 then local (CPU decode was measured in
 #              session 6), each with shard read-ahead (data.read_ahead_mb 32, session 9) and without;
+#              since session 9's call also sample offsets and (session 10) the tar reader;
 #              data_wait: the same training run as data_wait5
+#   dataload   the loader alone at 4 workers (workers parse and ship the bytes, nothing decodes them), S3
+#              and local, on 4 copies of the data set (epochs of ~3 300 samples, not ~800): does the S3
+#              gap sit in the workers or in the main process? Then py-spy samples the GPU-decode S3 run,
+#              main process and workers ($OUT/dataprof-s3.txt, raw flamegraph lines)
 #   datagap    why training from S3 ran at 53 % of the in-memory step in session 9: that run with its
 #              phases timed (compare with plain's), the in-memory step with padded reports, and the
 #              data_wait run from local disk (no moto server)
 # Session 6 ran ONLY=anchor,plain,gcstage,data,data_wait (gcbest ran out of time); session 9
 # anchor,plain,gcbest,data,data_wait,gcdata (gcbest ran out of time again, with --phases; measured
-# in a second call without). Next: ONLY=anchor,plain,data,data_wait,datagap (the default, in
-# priority order; about 8 minutes: a call cut short by its time limit loses only the last sections).
+# in a second call without). Next: ONLY=anchor,data,dataload,data_wait,datagap (the default, in
+# priority order; about 9 minutes: a call cut short by its time limit loses only the last sections).
 # Prepare here: bash benchmarks/gpu/wheels.sh and the anchors' wheels (../shared/anchors/README.md,
 # into .anchors); then run on the device with carry [".gpu", ".anchors"]:
 #   bash benchmarks/gpu/pending.sh > $OUT/log.txt 2>&1; tail -40 $OUT/log.txt
@@ -49,7 +54,7 @@ python3 -c "import torch, triton, deepspeed, s3fs; print('torch', torch.__versio
 T0=$(date +%s)
 step() { echo "== $1: $(( $(date +%s) - T0 )) s"; }
 quiet() { grep -v -i "warn" | cut -c1-300; }
-ONLY=${ONLY:-anchor,plain,data,data_wait,datagap}  # a subset, e.g. ONLY=gradcache,data_wait
+ONLY=${ONLY:-anchor,data,dataload,data_wait,datagap}  # a subset, e.g. ONLY=gradcache,data_wait
 run() { [[ ",$ONLY," == *",$1,"* ]]; }
 if [ "${SMOKE:-0}" = 1 ]; then
   DATA="--samples 128 --batches 2 --batch 16 --decode-device cpu"; ANCHOR=""; WAIT="--model tiny --batch 16 --steps 4 --window 2 --samples 128"
@@ -58,6 +63,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   STAGE_GC="--model tiny --plain-batches '' --batches 64 --chunk 16"; BEST_GC="$LAYOUT_GC"
   DATA6="--samples 128 --batches 2 --batch 16 --decode-device cpu --workers 2 --gpu-workers 2 --sources s3,local --read-ahead-mb 32,0"
   GCWAIT="--model tiny --batch 32 --gradcache-chunk 8 --steps 4 --window 2 --samples 128"
+  LOADER="--samples 128 --repeat 2 --batches 2 --batch 16 --gpu-workers 2"; PROF="--samples 128 --batches 4 --batch 16 --decode-device cpu --gpu-workers 2"
 else
   DATA="--samples 1024"; ANCHOR=512; WAIT="--model resnet50-bert --batch 512 --steps 30 --window 10"
   GC="--model resnet50-bert --batches 256,65536 --plain-batches 512 --chunk 256"; DIV="--model resnet50-bert --ranks 1 --steps 5"
@@ -67,6 +73,7 @@ else
   # S3 first (session 6 ran out of time before it), with shard read-ahead (the default) and without
   DATA6="--samples 1024 --workers '' --gpu-workers 4 --sources s3,local --read-ahead-mb 32,0"
   GCWAIT="--model resnet50-bert --batch 4096 --gradcache-chunk 256 --steps 8 --window 4"
+  LOADER="--samples 1024 --repeat 4 --batches 64 --gpu-workers 4"; PROF="--samples 1024 --batches 600 --gpu-workers 4"
 fi
 
 if [ -n "$ANCHOR" ] && run anchor; then
@@ -144,6 +151,17 @@ if run data; then  # the new decode path (batched augmentation, prefetch thread,
   eval timeout 180 python3 benchmarks/data_throughput.py $DATA6 --cache /tmp/hilum-bench-data \
     --out "$OUT/data6.jsonl" 2>&1 | quiet
   step data
+fi
+if run dataload; then  # the loader alone: workers and transport without the decode and the main process's share
+  eval timeout 100 python3 benchmarks/data_throughput.py $LOADER --workers "''" --decode-device none --sources s3,local \
+    --read-ahead-mb 32 --cache /tmp/hilum-bench-data --out "$OUT/dataload.jsonl" 2>&1 | quiet
+  step "dataload (loader alone)"
+  # Sampled, not instrumented: py-spy follows the workers (--subprocesses); a container that forbids
+  # reading another process's memory ends this within seconds, and the section's figures above stand.
+  eval timeout 75 py-spy record -r 50 --subprocesses -f raw -o "$OUT/dataprof-s3.txt" -- python3 benchmarks/data_throughput.py \
+    $PROF --workers "''" --sources s3 --read-ahead-mb 32 --cache /tmp/hilum-bench-data --out "$OUT/dataprof.jsonl" 2>&1 \
+    | grep -E "^\{|py-spy|Error|error" | quiet
+  step "dataprof (py-spy, S3, GPU decode)"
 fi
 if run data_wait; then  # with data.prefetch = 2 (the default now)
   timeout 95 python3 benchmarks/data_wait.py $WAIT --source s3 --cache /tmp/hilum-bench-data --out "$OUT/data6.jsonl" 2>&1 \

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from trainer.data.shards import Manifest, ShardSpec, load_manifest
+from trainer.data.shards import SHARD_MTIME, Manifest, ShardSpec, load_manifest
 from trainer.data.sources import Record, split_records
 from trainer.data.storage import open_with_retry, redact_url, url_to_fs
 
@@ -39,7 +39,6 @@ log = logging.getLogger("hilum.data")
 BUILD_DIR = "_build"
 IMAGE_TYPES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
-SHARD_MTIME = 1_577_836_800  # 2020-01-01T00:00:00Z
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,6 @@ def build_shard(task: ShardTask) -> ShardResult:
     tar_path = posixpath.join(root, f"{task.name}.tar")
     skipped: Counter[str] = Counter()
     offsets: list[int] = []
-    # A fixed member mtime makes shards reproducible: the same inputs give byte-identical tars.
     with fs.open(tar_path, "wb") as raw, wds.TarWriter(raw, mtime=SHARD_MTIME) as sink:
         for r in task.records:
             ext = IMAGE_TYPES.get(posixpath.splitext(r.image)[1].lower())
