@@ -27,7 +27,8 @@
 #   dataload   the loader alone at 4 workers (workers parse and ship the bytes, nothing decodes them), S3
 #              and local, on 4 copies of the data set (epochs of ~3 300 samples, not ~800): does the S3
 #              gap sit in the workers or in the main process? Then py-spy samples the GPU-decode S3 run,
-#              main process and workers ($OUT/dataprof-s3.txt, raw flamegraph lines)
+#              main process and workers ($OUT/dataprof-s3.txt, raw flamegraph lines; summary:
+#              python benchmarks/gpu/profile_summary.py). Also GPU decode from S3 in batches of 256.
 #   datagap    why training from S3 ran at 53 % of the in-memory step in session 9: that run with its
 #              phases timed (compare with plain's), the in-memory step with padded reports, and the
 #              data_wait run from local disk (no moto server)
@@ -63,7 +64,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
   STAGE_GC="--model tiny --plain-batches '' --batches 64 --chunk 16"; BEST_GC="$LAYOUT_GC"
   DATA6="--samples 128 --batches 2 --batch 16 --decode-device cpu --workers 2 --gpu-workers 2 --sources s3,local --read-ahead-mb 32,0"
   GCWAIT="--model tiny --batch 32 --gradcache-chunk 8 --steps 4 --window 2 --samples 128"
-  LOADER="--samples 128 --repeat 2 --batches 2 --batch 16 --gpu-workers 2"; PROF="--samples 128 --batches 4 --batch 16 --decode-device cpu --gpu-workers 2"
+  LOADER="--samples 128 --repeat 2 --batches 2 --batch 16 --gpu-workers 2"
+  BIG="--samples 128 --repeat 4 --batches 2 --batch 32 --gpu-workers 2 --decode-device cpu"; PROF="--samples 128 --batches 4 --batch 16 --decode-device cpu --gpu-workers 2"
 else
   DATA="--samples 1024"; ANCHOR=512; WAIT="--model resnet50-bert --batch 512 --steps 30 --window 10"
   GC="--model resnet50-bert --batches 256,65536 --plain-batches 512 --chunk 256"; DIV="--model resnet50-bert --ranks 1 --steps 5"
@@ -73,7 +75,8 @@ else
   # S3 first (session 6 ran out of time before it), with shard read-ahead (the default) and without
   DATA6="--samples 1024 --workers '' --gpu-workers 4 --sources s3,local --read-ahead-mb 32,0"
   GCWAIT="--model resnet50-bert --batch 4096 --gradcache-chunk 256 --steps 8 --window 4"
-  LOADER="--samples 1024 --repeat 4 --batches 64 --gpu-workers 4"; PROF="--samples 1024 --batches 600 --gpu-workers 4"
+  LOADER="--samples 1024 --repeat 4 --batches 64 --gpu-workers 4"
+  BIG="--samples 1024 --repeat 8 --batches 24 --batch 256 --gpu-workers 4"; PROF="--samples 1024 --batches 600 --gpu-workers 4"
 fi
 
 if [ -n "$ANCHOR" ] && run anchor; then
@@ -156,6 +159,11 @@ if run dataload; then  # the loader alone: workers and transport without the dec
   eval timeout 100 python3 benchmarks/data_throughput.py $LOADER --workers "''" --decode-device none --sources s3,local \
     --read-ahead-mb 32 --cache /tmp/hilum-bench-data --out "$OUT/dataload.jsonl" 2>&1 | quiet
   step "dataload (loader alone)"
+  # GPU decode from S3 in batches of 256, a training batch (the data section's are 64, and the
+  # decoder's per-batch costs are spread over fewer samples there); 8 copies: 1 600 samples a worker
+  eval timeout 75 python3 benchmarks/data_throughput.py $BIG --workers "''" --sources s3 --read-ahead-mb 32 \
+    --cache /tmp/hilum-bench-data --out "$OUT/dataload.jsonl" 2>&1 | quiet
+  step "dataload (GPU decode, S3, batches of 256)"
   # Sampled, not instrumented: py-spy follows the workers (--subprocesses); a container that forbids
   # reading another process's memory ends this within seconds, and the section's figures above stand.
   eval timeout 75 py-spy record -r 50 --subprocesses -f raw -o "$OUT/dataprof-s3.txt" -- python3 benchmarks/data_throughput.py \

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds, into DIR (default .gpu/wheels, an ignored folder), the wheels that hilum's worker needs
 # on the lent GPU machines (Python 3.12, x86-64), which ship torch, timm, transformers and triton
-# but not DeepSpeed, webdataset, pydantic or prometheus_client (and py-spy, for pending.sh's profiles). Carry DIR's parent with the
-# device call (< 64 MiB) and run benchmarks/gpu/pending.sh there.
+# but not DeepSpeed, webdataset, pydantic or prometheus_client (nor py-spy, for pending.sh's
+# profiles). Carry DIR's parent with the device call (< 64 MiB) and run benchmarks/gpu/pending.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=${1:-.gpu/wheels}

@@ -26,8 +26,8 @@ from trainer.data.storage import open_with_retry, redact_url, url_to_fs
 # Every member's mtime in the shards hilum writes. Fixed, so that the same samples give
 # byte-identical tars; and an integer, because webdataset's TarWriter otherwise stamps
 # ``time.time()``, a float, which tarfile can only store in a PAX header before each member:
-# 512 more bytes a member and a second header for every reader to parse (a loader worker spent
-# 35 % longer in tarfile on such shards).
+# 512 more bytes a member and a second header for every reader to parse (one stream read such
+# shards at 0.7 of the rate, benchmarks/RESULTS.md).
 SHARD_MTIME = 1_577_836_800  # 2020-01-01T00:00:00Z
 
 
