@@ -102,7 +102,8 @@ def repeated(shards: Path, times: int) -> Path:
 
 
 def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int, batch: int, image_size: int,
-                gpu: bool, batches: int, decode_device: str = "cuda", read_ahead_mb: int = 32) -> dict:
+                gpu: bool, batches: int, decode_device: str = "cuda", read_ahead_mb: int = 32,
+                tokenizer_threads: int = 1) -> dict:
     """Steady-state rate: the stream runs across epochs; timing starts once every loader worker
     has delivered its first batch (spawned workers import torch first: seconds each).
 
@@ -121,7 +122,7 @@ def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int,
     device = torch.device("cpu" if decode_device == "none" else decode_device)
     decode = DeviceDecoder(pre.augment_spec, 1, device) if gpu and decode_device != "none" else None
     spec = StreamSpec(batch, 1, workers, seed=0, shuffle=True, shuffle_buffer=256)
-    stream = ShardStream(manifest, spec, pre, Tokenize(str(tokenizer), 128), storage_options=storage, epochs=None,
+    stream = ShardStream(manifest, spec, pre, Tokenize(str(tokenizer), 128, tokenizer_threads), storage_options=storage, epochs=None,
                           read_ahead_bytes=read_ahead_mb << 20)
     warm = max(1, workers)
     t0 = time.perf_counter()
@@ -166,6 +167,7 @@ def main() -> None:
     p.add_argument("--gpu-workers", default="1,2,4", help="GPU-decode loader workers to try (only with CUDA)")
     p.add_argument("--sources", default="local,s3")
     p.add_argument("--read-ahead-mb", default="32", help="data.read_ahead_mb values to try (0 = off)")
+    p.add_argument("--tokenizer-threads", default="1", help="data.tokenizer_threads values to try (threads per loader worker)")
     p.add_argument("--s3-endpoint", help="use this S3 endpoint (credentials: AWS_* environment) instead of a moto server")
     p.add_argument("--cache", default="/tmp/hilum-bench-data", help="where the generated data set is kept between runs")
     p.add_argument("--decode-device", default="cuda",
@@ -204,20 +206,23 @@ def main() -> None:
             fs.put(str(shards) + "/", f"{bucket}/shards/", recursive=True)
             urls["s3"] = (f"s3://{bucket}/shards/train.json", storage)
         ahead = [int(mb) for mb in args.read_ahead_mb.split(",")]
-        plans = [(src, int(w), False, mb) for src in sources for w in args.workers.split(",") if w for mb in ahead]
+        threads = [int(t) for t in args.tokenizer_threads.split(",")]
+        plans = [(src, int(w), False, mb, t) for src in sources for w in args.workers.split(",") if w for mb in ahead
+                 for t in threads]
         if torch.cuda.is_available() or args.decode_device != "cuda":
-            plans += [(src, int(w), True, mb) for src in sources for w in args.gpu_workers.split(",") if w for mb in ahead]
-        for src, workers, gpu, mb in plans:
+            plans += [(src, int(w), True, mb, t) for src in sources for w in args.gpu_workers.split(",") if w
+                      for mb in ahead for t in threads]
+        for src, workers, gpu, mb, t in plans:
             url, storage = urls[src]
             try:
                 r = stream_rate(url, storage, tok, workers, args.batch, args.image_size, gpu, args.batches,
-                                args.decode_device, mb)
+                                args.decode_device, mb, t)
             except Exception as err:  # one failing configuration must not cost the others' figures
                 r = {"error": f"{type(err).__name__}: {err}"[:300]}
             decode = "cpu"
             if gpu:
                 decode = {"cuda": "gpu", "none": "none (loader only)"}.get(args.decode_device, f"device:{args.decode_device}")
-            record({"bench": "stream", **stamp, "source": src, "decode": decode, "workers": workers, "read_ahead_mb": mb,
+            record({"bench": "stream", **stamp, "source": src, "decode": decode, "workers": workers, "read_ahead_mb": mb, "tokenizer_threads": t,
                     "batch": args.batch, "image_size": args.image_size, "stored_size": args.size, **r}, args.out)
 
 

@@ -99,6 +99,11 @@ class DataSection(_Section):
         32, ge=0, le=4096, description="each loader worker fetches its next shard bytes in a background thread, up to "
                                        "this many MiB ahead of its tar parser (hides object-storage latency); 0 = off"
     )
+    tokenizer_threads: int = Field(
+        0, ge=0, le=64, description="threads each loader worker tokenises a batch with (a third of a GPU-decode "
+                                    "worker's time); 0 = auto: the rank's cluster.cpus_per_worker shared out among "
+                                    "its training process and loader workers, 1 to 4"
+    )
     # Passed to fsspec for manifest and shard URLs, e.g. {endpoint_url: "http://minio:9000"} for an
     # S3-compatible store. Credentials come from the environment (AWS_ACCESS_KEY_ID, ...) or, here,
     # as references to environment variables ({key: "${MINIO_KEY}"}): never as literals, so a saved

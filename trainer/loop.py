@@ -34,7 +34,7 @@ from trainer.data.stream import (
     make_loader,
     resume_position,
 )
-from trainer.data.text import Tokenize
+from trainer.data.text import Tokenize, worker_tokenizer_threads
 from trainer.distributed import WorkerInfo, all_gather_floats, all_reduce_mean, gather_with_grad, worker_info
 from trainer.divergence import DivergenceEncoders
 from trainer.engine import build_engine, deepspeed_config, pick_device, pick_dtype
@@ -121,7 +121,8 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     device = pick_device(cfg.cluster.device, info.local_rank)
     dtype = pick_dtype(cfg.train.precision, device)
-    tokenize = Tokenize(cfg.model.text.tokenizer, cfg.data.context_length)
+    tokenize = Tokenize(cfg.model.text.tokenizer, cfg.data.context_length,
+                        worker_tokenizer_threads(cfg.data.tokenizer_threads, cfg.cluster.cpus_per_worker, cfg.data.num_workers))
     objectives = build_objectives(cfg.objectives).to(device)
     wants_divergence = any(o.divergence_encoders for o in objectives.values())
     # The objectives' extra parts are built before the engine, so ZeRO partitions them too.

@@ -28,7 +28,8 @@
 #              and local, on 4 copies of the data set (epochs of ~3 300 samples, not ~800): does the S3
 #              gap sit in the workers or in the main process? Then py-spy samples the GPU-decode S3 run,
 #              main process and workers ($OUT/dataprof-s3.txt, raw flamegraph lines; summary:
-#              python benchmarks/gpu/profile_summary.py). Also GPU decode from S3 in batches of 256.
+#              python benchmarks/gpu/profile_summary.py). Also GPU decode from S3 in batches of 256,
+#              with the workers tokenising on 1 thread and on 3 (data.tokenizer_threads, session 10).
 #   datagap    why training from S3 ran at 53 % of the in-memory step in session 9: that run with its
 #              phases timed (compare with plain's), the in-memory step with padded reports, and the
 #              data_wait run from local disk (no moto server)
@@ -160,9 +161,10 @@ if run dataload; then  # the loader alone: workers and transport without the dec
     --read-ahead-mb 32 --cache /tmp/hilum-bench-data --out "$OUT/dataload.jsonl" 2>&1 | quiet
   step "dataload (loader alone)"
   # GPU decode from S3 in batches of 256, a training batch (the data section's are 64, and the
-  # decoder's per-batch costs are spread over fewer samples there); 8 copies: 1 600 samples a worker
-  eval timeout 75 python3 benchmarks/data_throughput.py $BIG --workers "''" --sources s3 --read-ahead-mb 32 \
-    --cache /tmp/hilum-bench-data --out "$OUT/dataload.jsonl" 2>&1 | quiet
+  # decoder's per-batch costs are spread over fewer samples there); 8 copies: 1 600 samples a worker.
+  # Each worker tokenising on 1 thread, then on 3 (data.tokenizer_threads; 16 CPUs, 4 workers).
+  eval timeout 110 python3 benchmarks/data_throughput.py $BIG --workers "''" --sources s3 --read-ahead-mb 32 \
+    --tokenizer-threads 1,3 --cache /tmp/hilum-bench-data --out "$OUT/dataload.jsonl" 2>&1 | quiet
   step "dataload (GPU decode, S3, batches of 256)"
   # Sampled, not instrumented: py-spy follows the workers (--subprocesses); a container that forbids
   # reading another process's memory ends this within seconds, and the section's figures above stand.
