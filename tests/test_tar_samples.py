@@ -124,3 +124,28 @@ def test_sizes_beyond_octal_use_gnu_base_256():
         assert _number(field, "test") == value
     with pytest.raises(ValueError, match="numeric field"):
         _number(b"12x4\0", "byte 0")
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "oldgnu", "posix", "ustar", "v7"])
+def test_same_samples_as_webdataset_from_gnu_tar(tmp_path, fmt):
+    # Shards packed by hand with the `tar` command, as many users make them, in each of its formats
+    # (v7 marks files with the old-style type and directories by a trailing slash).
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("no tar command")
+    root = tmp_path / "files"
+    rng = random.Random(fmt)
+    long_ok = fmt in ("gnu", "oldgnu", "posix")
+    for i in range(9):
+        folder = root / ("study" + "x" * (70 if long_ok and i % 3 == 0 else 3)) / f"p{i:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for ext in ("jpg", "JSON", "seg.png")[: 1 + i % 3]:
+            (folder / f"s{i:03d}.{ext}").write_bytes(rng.randbytes(rng.choice([0, 511, 512, 513, 3000])))
+    shard = tmp_path / "shard.tar"
+    subprocess.run(["tar", f"--format={fmt}", "--sort=name", "-cf", str(shard), "-C", str(root), "."], check=True)
+    data = shard.read_bytes()
+    expected = webdataset_samples(data)
+    assert len(expected) == 9
+    assert ours(data) == expected
