@@ -81,13 +81,18 @@ def test_same_samples_as_webdataset_for_every_tar_format(fmt, seed):
 def test_same_samples_from_webdataset_s_own_writer_and_a_compressed_shard():
     import webdataset as wds
 
-    buf = io.BytesIO()
+    buf, written = io.BytesIO(), []
     with wds.TarWriter(buf) as sink:  # a float mtime: every member behind a PAX header
         for i in range(7):
+            written.append(sink.tarstream.offset)  # where the writer put the sample: a manifest's offsets
             sink.write({"__key__": f"k{i}", "jpg": bytes([i]) * (100 * i), "json": b'{"i": %d}' % i})
-    assert ours(buf.getvalue()) == webdataset_samples(buf.getvalue()) != []
+    starts: list[int] = []
+    assert list(tar_samples(io.BytesIO(buf.getvalue()), "mem://shard.tar", starts)) == webdataset_samples(buf.getvalue()) != []
+    assert starts == written  # each sample's first header, its PAX header included
     packed = gzip.compress(buf.getvalue())  # .tar.gz: read through webdataset, as before
     assert ours(packed) == webdataset_samples(packed) == webdataset_samples(buf.getvalue())
+    with pytest.raises(ValueError, match="compressed shard cannot be read from sample offsets"):
+        list(tar_samples(io.BytesIO(packed), "mem://shard.tar.gz", []))
 
 
 def test_a_name_split_into_ustar_prefix_is_joined():

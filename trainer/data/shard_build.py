@@ -18,7 +18,6 @@ import json
 import logging
 import multiprocessing
 import posixpath
-import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -28,11 +27,11 @@ import fsspec
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
-from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from trainer.data.shards import SHARD_MTIME, Manifest, ShardSpec, load_manifest
 from trainer.data.sources import Record, split_records
 from trainer.data.storage import open_with_retry, redact_url, url_to_fs
+from trainer.data.tar_samples import tar_samples
 
 log = logging.getLogger("hilum.data")
 
@@ -266,8 +265,8 @@ def check_shard(args: tuple[ShardSpec, dict[str, Any]]) -> ShardCheck:
         check.problems.append(f"{check.url}: cannot open ({type(err).__name__}: {err})")
         return check
     starts: list[int] = []  # where each sample's first member begins, to check the manifest's offsets
-    try:
-        for sample in group_by_keys(_members(stream, spec.url, starts), handler=_reraise):
+    try:  # the reader training uses: what passes here is what a loader worker reads
+        for sample in tar_samples(stream, spec.url, starts if spec.offsets is not None else None):
             key = sample.get("__key__", "?")
             check.samples += 1
             check.keys.append(key)
@@ -285,28 +284,6 @@ def check_shard(args: tuple[ShardSpec, dict[str, Any]]) -> ShardCheck:
         check.problems.append(f"{check.url}: manifest offsets do not match the tar: sample {first} "
                               f"({check.keys[first]}) starts at byte {starts[first]}, not {spec.offsets[first]}")
     return check
-
-
-def _members(stream: Any, url: str, starts: list[int]) -> Iterable[dict[str, Any]]:
-    """The tar's files as webdataset's expander gives them, noting where each sample starts.
-
-    tarfile rather than webdataset's expander, because only tarfile reports each member's offset."""
-    last = None
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:  # as webdataset: compressed tars too
-        for info in tar:
-            if not info.isreg():
-                continue
-            key = base_plus_ext(info.name)[0]
-            if key is None:  # no extension: webdataset's grouping skips it too
-                continue
-            if key != last:
-                starts.append(info.offset)
-                last = key
-            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-
-
-def _reraise(exn: Exception) -> bool:
-    raise exn
 
 
 def _sample_problem(sample: dict[str, Any]) -> str | None:

@@ -12,7 +12,8 @@ PAX extended headers for long names and sizes; webdataset's ``TarWriter``, GNU t
 before. The output is webdataset's: dicts of ``__key__``, ``__url__`` and one ``bytes`` value per
 lower-cased extension, metadata members (``__...__``) skipped, non-regular members ignored; the
 tests compare both on every kind of member. Stock webdataset still reads hilum's shards: this
-changes how fast they are read, not what they hold.
+changes how fast they are read, not what they hold. ``hilum shards verify`` reads through it too,
+with each sample's start byte, so a shard it passes is one a loader worker reads, offsets included.
 
 A header whose checksum does not match, or data that ends mid-member, raises ``ValueError`` or
 ``EOFError`` naming the byte, where ``tarfile`` would stop quietly at the bad header: the stream
@@ -82,11 +83,14 @@ def _read_exact(read: Any, n: int, at: int, what: str) -> bytes:
     return data
 
 
-def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` of each regular file member, in stream order (webdataset's metadata
-    members excluded). ``stream`` should be buffered: reads are a header or one member's data."""
+def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes, int]]:
+    """``(name, data, start)`` of each regular file member, in stream order (webdataset's metadata
+    members excluded); ``start`` is the byte where the member's headers begin, its extended headers
+    included: where a reader must start to meet it. ``stream`` should be buffered: reads are a
+    header or one member's data."""
     read = stream.read
-    at = 0  # the stream's byte count, for messages (a shard read from an offset counts from there)
+    at = 0  # the stream's byte count (a shard read from an offset counts from there)
+    start: int | None = None  # where the next member's extended headers began
     pax: dict[str, str] = {}  # the next member's PAX overrides
     long_name: str | None = None  # the next member's GNU long name
     while True:
@@ -98,6 +102,7 @@ def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if not _checksum_ok(header):
             raise ValueError(f"invalid tar header at byte {at}: checksum mismatch")
         where = f"byte {at}"
+        start = at if start is None else start
         size = int(pax["size"]) if "size" in pax else _number(header[124:136], where)
         kind = header[156:157]
         data_at = at + BLOCK
@@ -111,17 +116,17 @@ def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if kind == b"\0" and name.endswith("/"):
             kind = b"5"  # an old-style regular member named like a directory is one (tarfile agrees)
         if kind in _REGULAR:
-            pax, long_name = {}, None
+            member_start, start, pax, long_name = start, None, {}, None
             data = _read_exact(read, size, data_at, f"member {name!r}")
             if padded > size:
                 _read_exact(read, padded - size, data_at + size, f"member {name!r}'s padding")
             if _META.match(name):  # webdataset's metadata members
                 continue
-            yield name, data
+            yield name, data, member_start
             continue
         if kind in _NO_DATA:  # whatever their size field says, as tarfile reads them
             at = data_at
-            pax, long_name = {}, None
+            start, pax, long_name = None, {}, None
             continue
         body = _read_exact(read, padded, data_at, "an extended header" if kind in b"xLgK" else "a member")
         if kind == b"x":
@@ -131,17 +136,22 @@ def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         elif kind == b"S":
             raise ValueError(f"sparse tar member at {where}: not supported in shards")
         elif kind not in b"gK":  # global PAX headers and GNU long link names leave the next member's name as it is
-            pax, long_name = {}, None  # a member type tarfile does not know: its data skipped
+            start, pax, long_name = None, {}, None  # a member type tarfile does not know: its data skipped
 
 
-def tar_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
-    """The shard's samples: webdataset's ``group_by_keys(tar_file_expander(...))`` output, faster."""
+def tar_samples(stream: BinaryIO, url: str, starts: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The shard's samples: webdataset's ``group_by_keys(tar_file_expander(...))`` output, faster.
+
+    ``starts``, when given, receives the byte where each sample begins (what a manifest's
+    ``offsets`` must say); a compressed shard has no such bytes and raises ``ValueError`` then."""
     buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream, BUFFER_BYTES)
     if buffered.peek(6)[:6].startswith(_COMPRESSED_MAGIC):
+        if starts is not None:
+            raise ValueError("a compressed shard cannot be read from sample offsets")
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": buffered}], handler=_reraise), handler=_reraise)
         return
     sample: dict[str, Any] | None = None
-    for name, data in tar_files(buffered):
+    for name, data, start in tar_files(buffered):
         key, ext = base_plus_ext(name)
         if key is None:
             continue
@@ -150,6 +160,8 @@ def tar_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
             if sample is not None:
                 yield sample
             sample = {"__key__": key, "__url__": url}
+            if starts is not None:
+                starts.append(start)
         if ext in sample:
             raise ValueError(f"{name}: duplicate file name in tar file {ext} {sample.keys()}")
         sample[ext] = data
