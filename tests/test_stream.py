@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import simple_samples
-from trainer.data.shards import Manifest, load_manifest, write_shards
+from trainer.data.shards import Manifest, ShardSpec, load_manifest, write_shards
 from trainer.data.stream import (
     Preprocess,
     ShardStream,
@@ -22,6 +22,7 @@ from trainer.data.stream import (
     iter_raw_samples,
     make_loader,
     resume_position,
+    short_batches_warning,
 )
 
 
@@ -302,3 +303,21 @@ def test_endless_stream_crosses_epochs_in_order_after_resume(shards):
     rest = take(position, len(full) - 3)
     assert keys_of(rest) == keys_of(full[3:])
     assert [b["_epoch"] for b in rest] == [b["_epoch"] for b in full[3:]]
+
+
+def test_short_batches_are_named_at_launch_when_slots_hold_about_a_batch():
+    """Each loader worker ends its slot of the epoch with a partial batch; with slots of about a
+    batch or less every step is short, and the launch says so with the numbers."""
+    m = Manifest(tuple(ShardSpec(f"s{i}.tar", n) for i, n in enumerate([128] * 6 + [52])), source="train.json")  # 820
+    msg = short_batches_warning(m, StreamSpec(batch_size=512, num_workers=4))
+    assert msg is not None and "205 samples" in msg and "[205]" in msg and "data.batch_size 512" in msg
+    # Two ranks halve the slot again; the message names both factors.
+    msg = short_batches_warning(m, StreamSpec(batch_size=512, world_size=2, num_workers=2))
+    assert msg is not None and "2 ranks × 2 workers" in msg and "205 samples" in msg
+    # A slot of two full batches and a 1-sample remainder: steps average 342 of 512.
+    five = Manifest((ShardSpec("x.tar", 4100),))
+    assert "average 342 samples" in short_batches_warning(five, StreamSpec(batch_size=512, num_workers=4))
+    # Slots of many batches (a real epoch), or a remainder that leaves the mean near the batch: silent.
+    assert short_batches_warning(m, StreamSpec(batch_size=64, num_workers=4)) is None  # 64,64,64,13
+    assert short_batches_warning(Manifest((ShardSpec("x.tar", 8200),)), StreamSpec(512, num_workers=4)) is None
+    assert short_batches_warning(Manifest((ShardSpec("x.tar", 2048),)), StreamSpec(32, world_size=2, num_workers=1)) is None

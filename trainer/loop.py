@@ -33,6 +33,7 @@ from trainer.data.stream import (
     batches_per_epoch,
     make_loader,
     resume_position,
+    short_batches_warning,
 )
 from trainer.data.text import Tokenize, worker_tokenizer_threads
 from trainer.distributed import WorkerInfo, all_gather_floats, all_reduce_mean, gather_with_grad, worker_info
@@ -405,7 +406,7 @@ class Progress:
         # the figure that says whether the loader keeps up, steadier than the last step's wait.
         data_share = self.window_data_seconds / self.window_step_seconds if self.window_step_seconds > 0 else 0.0
         self.last = {"step": state.step, "time": time.time(), "epoch": state.position.epoch, "loss": loss, "samples_per_second": rate,
-                     "data_wait_fraction": data_share, "lr": w.engine.get_lr()[0],
+                     "samples_per_step": self.window_samples / max(1, self.window_steps), "data_wait_fraction": data_share, "lr": w.engine.get_lr()[0],
                      **{k: v for k, v in values.items() if k != "loss"}}
         if self.window_phases:  # mean seconds per step of each phase over the window
             self.last["phase_seconds"] = {k: v / self.window_steps for k, v in self.window_phases.items()}
@@ -533,6 +534,8 @@ def train(cfg: "HilumConfig", resume: bool = False, report: Reporter | None = No
     spec = StreamSpec(cfg.data.batch_size, w.info.world_size, cfg.data.num_workers, cfg.run.seed, True, cfg.data.shuffle_buffer)
     state.position = resume_position(state.position, spec)
     steps_per_epoch = batches_per_epoch(manifest, spec)
+    if w.info.is_main and (short := short_batches_warning(manifest, spec)):
+        log.warning(short)
     log.info("training %s: %d workers, ZeRO stage %d, %s/%s, %d samples, %d steps per epoch, %d steps",
              cfg.run.name, w.info.world_size, cfg.train.zero_stage, w.device.type, str(w.dtype).split(".")[-1],
              manifest.num_samples, steps_per_epoch, cfg.train.max_steps)
