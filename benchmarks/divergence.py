@@ -124,7 +124,9 @@ def main() -> None:
     p.add_argument("--model", choices=["small", "resnet50-bert"], default="small")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--data", default=str(ROOT / "data" / "phantom"), help="a phantom data set (for its tokenizer)")
+    p.add_argument("--data", default=str(ROOT / "data" / "phantom-bench"),
+                   help="a phantom data set, for its tokenizer (a small one is built here on first use: not the demo's "
+                        "data/phantom, which `make demo` would then train on)")
     p.add_argument("--out", type=Path)
     p.add_argument("--variant", choices=["shard_local", "gathered"], help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -150,7 +150,9 @@ def main() -> None:
     p.add_argument("--plain-batches", help="batches for the plain step (default: the same)")
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--data", default=str(ROOT / "data" / "phantom"), help="a phantom data set (for its tokenizer)")
+    p.add_argument("--data", default=str(ROOT / "data" / "phantom-bench"),
+                   help="a phantom data set, for its tokenizer (a small one is built here on first use: not the demo's "
+                        "data/phantom, which `make demo` would then train on)")
     p.add_argument("--out", type=Path)
     p.add_argument("--channels-last", choices=["on", "off"], default="on", help="model.image.channels_last")
     p.add_argument("--pin", choices=["on", "off"], default="on", help="CUDA: the host batch in pinned memory, as the loader gives it")

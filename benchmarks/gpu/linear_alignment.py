@@ -44,7 +44,7 @@ def main() -> None:
     from launch.config import build_config, parse_yaml
     from trainer.loop import build_worker
 
-    data = ROOT / "data" / "phantom"
+    data = ROOT / "data" / "phantom-bench"  # small; not the demo's data/phantom, which `make demo` would reuse
     if not (data / "tokenizer").exists():
         from trainer.data.phantom_dataset import build_phantom_dataset
 
