@@ -147,7 +147,11 @@ def test_gradcache_equals_plain_step_under_zero_0_2_3(phantom_dir, tmp_path):
             assert r["text_tower_passes"] == (1 if "frozen" in key else 2), label
             if "err_without_replay" in r:
                 assert r["err_without_replay"] > 1e-3, label  # the test can tell a wrong replay
-                assert r["plain_err"] <= 1e-5, label
+                # One forward over the whole batch sums in another order than chunk by chunk: fp32
+                # rounding alone gives up to 1.3e-5 on the smallest-gradient parameters (deterministic
+                # once DeepSpeed's shared-memory all-reduce op is built; 4e-6 in the run that builds
+                # it), a wrong GradCache ≥ 1e-3 (err_without_replay above: ~2).
+                assert r["plain_err"] <= 1e-4, label
                 assert r["gc_loss"] == pytest.approx(r["plain_loss"], rel=1e-6), label
 
 
