@@ -50,7 +50,7 @@ cd "$(dirname "$0")/../.."
 SITE=${SITE:-/tmp/hilum-site}
 # One copy of each wheel (the anchors' set repeats webdataset): pip refuses two of one package.
 KIT=${KIT:-.gpu}
-WHEELS=$(ls "$KIT"/wheels/*.whl "$KIT"/s3wheels/*.whl .anchors/wheels/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')
+WHEELS=$(ls "$KIT"/wheels/*.whl .anchors/wheels/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $WHEELS || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH="$SITE:$PWD" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/hilum-gpu}
