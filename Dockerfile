@@ -23,7 +23,10 @@ ENV UV_PYTHON_INSTALL_DIR=/opt/python VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$
 RUN uv python install ${PYTHON} && uv venv --python ${PYTHON} /opt/venv
 
 WORKDIR /opt/hilum
-# Dependencies first (a layer that survives code changes), then hilum itself.
+# Dependencies first, exactly the set CI tested (requirements.lock: every package at one version;
+# a layer that survives code changes), then hilum itself, which resolves nothing of its own.
+COPY requirements.lock ./
+RUN uv pip install --no-cache -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY launch launch
 COPY cluster cluster
@@ -31,13 +34,14 @@ COPY trainer trainer
 COPY kernels kernels
 COPY monitoring monitoring
 COPY configs configs
-RUN uv pip install --no-cache . && uv pip install --no-cache ninja
+RUN uv pip install --no-cache --no-deps --no-build-isolation .
 
 # DeepSpeed's ops, prebuilt against the torch just installed: fused Adam and the ZeRO/GPU
-# communication helpers for the architectures above; the CPU Adam for ZeRO-Offload.
+# communication helpers for the architectures above; the CPU Adam for ZeRO-Offload. The same
+# DeepSpeed release as the lock's, rebuilt from source with its ops.
 RUN if [ -n "${TORCH_ARCH}" ]; then \
         TORCH_CUDA_ARCH_LIST="${TORCH_ARCH}" DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_UTILS=1 \
-        uv pip install --no-cache --no-build-isolation --reinstall --no-deps deepspeed \
+        uv pip install --no-cache --no-build-isolation --reinstall --no-deps "$(grep -m1 '^deepspeed==' requirements.lock)" \
         && python -m deepspeed.env_report; \
     fi
 

@@ -3,16 +3,34 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch 2.14.1 / torchvision 0.29.1 are pinned in pyproject.toml.
+# The exact set CI tested: every package, transitive ones included, at one version (make lock).
+# pyproject.toml keeps the compatible ranges, for installing hilum as a library.
+LOCK := requirements.lock
 STAMP := $(VENV)/.installed
+# The lock's resolver, used by `make lock` only; installs use pip, which takes torch from local disk.
+UV := uv==0.13.9
 
-.PHONY: demo test venv data clean sysdeps sysdeps-test
+.PHONY: demo test venv data clean sysdeps sysdeps-test lock
 
-$(STAMP): pyproject.toml
+# pip itself first, at the locked version; then the locked set; then hilum, with no resolution of
+# its own (--no-deps) and built by the locked setuptools (--no-build-isolation), so that nothing
+# unlocked is ever installed; pip check confirms the set satisfies pyproject.toml.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q "$$(grep -m1 '^pip==' $(LOCK))"
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# Refresh the lock from pyproject.toml: its dependencies, the test extra, the build system's
+# requirements and pip, resolved for CPython 3.11 on x86-64 Linux (CI, the GPU image, the Dockerfile).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(UV)"
+	{ echo pip; $(BIN)/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'], sep='\n')"; } \
+	  | $(BIN)/uv pip compile -q pyproject.toml - --extra test --python-version 3.11 \
+	      --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -o $(LOCK)
 
 venv: $(STAMP)
 

@@ -43,10 +43,10 @@ def prepare(cache: Path, samples: int, size: int) -> tuple[Path, Path, dict]:
     """Shards (local) and a tokenizer for ``samples`` phantom JPEGs, built once per cache dir."""
     from collections import Counter
 
-    from trainer.data.phantom_dataset import write_mimic_layout
-    from trainer.data.shard_build import build
-    from trainer.data.sources import Filters, mimic_records
-    from trainer.data.text import train_wordpiece
+    from hilum.trainer.data.phantom_dataset import write_mimic_layout
+    from hilum.trainer.data.shard_build import build
+    from hilum.trainer.data.sources import Filters, mimic_records
+    from hilum.trainer.data.text import train_wordpiece
 
     layout, shards, tok = cache / "mimic", cache / "shards", cache / "tokenizer"
     info_file = cache / "build.json"
@@ -80,8 +80,8 @@ def repeated(shards: Path, times: int) -> Path:
     Copies give a real epoch's proportions at the cost of rewriting tar files."""
     if times <= 1:
         return shards
-    from trainer.data.shards import load_manifest, write_shards
-    from trainer.data.stream import iter_raw_samples
+    from hilum.trainer.data.shards import load_manifest, write_shards
+    from hilum.trainer.data.stream import iter_raw_samples
 
     out = shards.parent / f"shards-x{times}"
     if (out / "train.json").is_file():
@@ -111,11 +111,11 @@ def stream_rate(manifest_url: str, storage: dict, tokenizer: Path, workers: int,
     ``decode_samples_per_s`` is the decode alone, on batches already in memory."""
     import torch
 
-    from trainer.data.device_decode import DeviceDecoder
-    from trainer.data.prefetch import Prefetcher
-    from trainer.data.shards import load_manifest
-    from trainer.data.stream import Preprocess, ShardStream, StreamSpec, make_loader
-    from trainer.data.text import Tokenize
+    from hilum.trainer.data.device_decode import DeviceDecoder
+    from hilum.trainer.data.prefetch import Prefetcher
+    from hilum.trainer.data.shards import load_manifest
+    from hilum.trainer.data.stream import Preprocess, ShardStream, StreamSpec, make_loader
+    from hilum.trainer.data.text import Tokenize
 
     manifest = load_manifest(manifest_url, storage)
     pre = Preprocess(image_size, 1, "report", True, 0.8, 0.1, 0.1, defer_jpeg=gpu)

@@ -58,8 +58,8 @@ def main() -> None:
     import fsspec
     import torch
 
-    from launch.cli import _launch
-    from launch.config import build_config, parse_yaml
+    from hilum.launch.cli import _launch
+    from hilum.launch.config import build_config, parse_yaml
 
     shards, tok, _ = prepare(Path(args.cache) / f"n{args.samples}-s{args.size}", args.samples, args.size)
     shards = repeated(shards, args.repeat)

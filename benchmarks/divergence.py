@@ -57,7 +57,7 @@ class RssSampler(threading.Thread):
 
 
 def _config(args: argparse.Namespace):  # noqa: ANN202 - HilumConfig
-    from launch.config import build_config, parse_yaml
+    from hilum.launch.config import build_config, parse_yaml
 
     raw = parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text())
     overlay(raw, RESNET50_BERT if args.model == "resnet50-bert" else SMALL)
@@ -75,8 +75,8 @@ def _rank(rank: int, args: argparse.Namespace, port: int, queue) -> None:  # noq
     import deepspeed
     import torch
 
-    from trainer.loop import build_worker
-    from trainer.moving_average import eq7_update
+    from hilum.trainer.loop import build_worker
+    from hilum.trainer.moving_average import eq7_update
 
     w = build_worker(_config(args))
     pairs = [(s, t) for source, target in w.engine.module.divergence_pairs().values()
@@ -132,10 +132,10 @@ def main() -> None:
     args = p.parse_args()
     import torch.multiprocessing as mp
 
-    from cluster.local import free_port
+    from hilum.cluster.local import free_port
 
     if not (Path(args.data) / "tokenizer").exists():
-        from trainer.data.phantom_dataset import build_phantom_dataset
+        from hilum.trainer.data.phantom_dataset import build_phantom_dataset
 
         build_phantom_dataset(args.data, n_train=256, n_test=64, size=64, seed=0, samples_per_shard=64)
     # Large CPU allocations go to mmap and back to the OS when freed, so the resident set shows live

@@ -68,8 +68,8 @@ def measure(args: argparse.Namespace) -> dict:
     """One configuration in this process: build the worker, run warm-up and timed steps."""
     import torch
 
-    from launch.config import build_config, parse_yaml
-    from trainer.loop import build_worker, train_step
+    from hilum.launch.config import build_config, parse_yaml
+    from hilum.trainer.loop import build_worker, train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     raw = parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text())
@@ -120,7 +120,7 @@ def measure(args: argparse.Namespace) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     phases = {}
     if args.profile or args.phases:  # one more step: its phases (synchronised at each end)
-        from trainer.timing import PhaseTimer
+        from hilum.trainer.timing import PhaseTimer
 
         timer = PhaseTimer(w.device, enabled=True)
         train_step(w, batch, timer)
@@ -176,7 +176,7 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return
     if not (Path(args.data) / "tokenizer").exists():
-        from trainer.data.phantom_dataset import build_phantom_dataset
+        from hilum.trainer.data.phantom_dataset import build_phantom_dataset
 
         build_phantom_dataset(args.data, n_train=256, n_test=64, size=64, seed=0, samples_per_shard=64)
     def sizes(text: str) -> list[int]:

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import LabelSimilarityTargets, ReportCorrelationTargets, infonce_loss  # noqa: E402
-from kernels.infonce_triton import TileConfig, default_config  # noqa: E402
+from hilum.kernels.infonce import infonce_loss  # noqa: E402
+from hilum.kernels.infonce_triton import TileConfig, default_config  # noqa: E402
+from hilum.kernels.targets import LabelSimilarityTargets, ReportCorrelationTargets
 
 LOG_SCALE = math.log(1 / 0.07)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

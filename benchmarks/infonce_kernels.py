@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import infonce as bench  # noqa: E402  - its timing protocol and JSON-lines output
 from infonce import emit, timed  # noqa: E402
-from kernels import infonce_triton as tri  # noqa: E402
-from kernels.infonce import make_backend, solve_block  # noqa: E402
-from kernels.infonce_block import Block  # noqa: E402
+
+from hilum.kernels import infonce_triton as tri  # noqa: E402
+from hilum.kernels.infonce import make_backend, solve_block  # noqa: E402
+from hilum.kernels.infonce_block import Block  # noqa: E402
 
 FWD = {
     "f128x128k64w8s3": dict(fwd_bm=128, fwd_bn=128, fwd_bk=64, fwd_warps=8, fwd_stages=3),

@@ -31,7 +31,7 @@ from benchmarks.gradcache import record  # noqa: E402
 
 def run(enabled: bool, args: argparse.Namespace, out: Path, index: int) -> float:
     name = f"overhead-{'on' if enabled else 'off'}-{index}"
-    cmd = [sys.executable, "-m", "launch.cli", "train", "--config", str(ROOT / "configs" / "tiny-clip.yaml"), "--launcher", "local",
+    cmd = [sys.executable, "-m", "hilum.launch.cli", "train", "--config", str(ROOT / "configs" / "tiny-clip.yaml"), "--launcher", "local",
            "--workers", str(args.workers), "--set", f"run.output_dir={out}", "--set", f"run.name={name}",
            "--set", f"train.max_steps={args.steps}", "--set", f"train.log_every={args.steps // 6}",
            "--set", "train.checkpoint_every=0", "--set", "eval.at_end=false",
@@ -50,9 +50,9 @@ def per_step_cost_us(repeats: int = 2000) -> float:
 
     import torch
 
-    from monitoring import WorkerMetrics
-    from trainer.loop import device_memory
-    from trainer.timing import PhaseTimer
+    from hilum.monitoring.metrics import WorkerMetrics
+    from hilum.trainer.loop import device_memory
+    from hilum.trainer.timing import PhaseTimer
 
     m = WorkerMetrics("bench", 0, "n")
     phases = ("data", "forward", "loss", "backward", "optimizer")
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if not (Path(args.data) / "train.json").exists():
-        from trainer.data.phantom_dataset import build_phantom_dataset
+        from hilum.trainer.data.phantom_dataset import build_phantom_dataset
 
         build_phantom_dataset(args.data, n_train=2048, n_test=384)
     on, off = [], []

@@ -16,7 +16,7 @@ per value (2 in bf16, 4 in fp32), and the collectives DeepSpeed 0.19 actually is
   the step: (N−1)/N·(2Ψ + Ψ_g)·p;
 * contrastive loss, per tower: the features all-gathered, (N−1)·b·d·p bytes (features stay in the
   training dtype), and their gradient all-reduced on the way back, 2·(N−1)·b·d·p
-  (trainer.distributed.gather_with_grad: one all-reduce works on every backend, where a
+  (hilum.trainer.distributed.gather_with_grad: one all-reduce works on every backend, where a
   reduce-scatter would send half as much).
 
 Under GradCache (``--chunks C``: C chunks per rank's batch; DeepSpeed accumulates C micro-steps)
@@ -107,8 +107,8 @@ def resnet50_bert_parameters() -> tuple[int, int]:
     import torch
 
     from benchmarks.gradcache import RESNET50_BERT, overlay
-    from launch.config import build_config, parse_yaml
-    from trainer.models.dual_encoder import build_model
+    from hilum.launch.config import build_config, parse_yaml
+    from hilum.trainer.models.dual_encoder import build_model
 
     raw = overlay(parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text()), RESNET50_BERT)
     cfg = build_config(raw)
@@ -175,8 +175,8 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Path)
     import torch
 
     _count_collectives()
-    from launch.config import build_config, parse_yaml
-    from trainer.loop import build_worker, train_step
+    from hilum.launch.config import build_config, parse_yaml
+    from hilum.trainer.loop import build_worker, train_step
 
     raw = parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text())
     raw["model"]["text"]["tokenizer"] = str(Path(args.data) / "tokenizer")
@@ -217,10 +217,10 @@ def cmd_measure(args: argparse.Namespace) -> None:
 
     import torch.multiprocessing as mp
 
-    from cluster.local import free_port
+    from hilum.cluster.local import free_port
 
     if not (Path(args.data) / "tokenizer").is_dir():
-        from trainer.data.phantom_dataset import build_phantom_dataset
+        from hilum.trainer.data.phantom_dataset import build_phantom_dataset
 
         build_phantom_dataset(args.data, n_train=64, n_test=16, size=64, seed=0, samples_per_shard=64)
     for world in args.ranks:

@@ -54,8 +54,8 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
-    import trainer.data.stream as stream
-    from trainer.data.shards import load_manifest
+    import hilum.trainer.data.stream as stream
+    from hilum.trainer.data.shards import load_manifest
 
     shards, _, _ = prepare(Path(args.cache) / f"n{args.samples}-s{args.size}", args.samples, args.size)
     manifest = load_manifest(str(shards / "train.json"))

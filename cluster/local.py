@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluster.quick_exit import freeze_at_exit
+from hilum.cluster.quick_exit import freeze_at_exit
 
 if TYPE_CHECKING:
-    from launch.config import HilumConfig
+    from hilum.launch.config import HilumConfig
 
 
 def free_port() -> int:
@@ -31,8 +31,8 @@ def _worker(local_rank: int, world_size: int, port: int, cfg: "HilumConfig", res
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world_size),
     )
-    from trainer.engine import dist_backend, pick_device
-    from trainer.loop import train
+    from hilum.trainer.engine import dist_backend, pick_device
+    from hilum.trainer.loop import train
 
     backend = dist_backend(pick_device(cfg.cluster.device, local_rank).type)
     dist.init_process_group(backend, rank=local_rank, world_size=world_size)

@@ -5,7 +5,7 @@ Convention (every implementation here follows it exactly):
 * logits ``L = exp(logit_scale) * image_features @ text_features.T`` — features are used as given;
   normalising them is the caller's job.
 * targets: ``None`` means the identity (image ``i`` matches text ``i``). Otherwise non-negative-sum
-  weights ``W`` — a dense (N, M) tensor, or a ``kernels.targets.SoftTargets`` that regenerates
+  weights ``W`` — a dense (N, M) tensor, or a ``hilum.kernels.targets.SoftTargets`` that regenerates
   them from per-sample data. Rows are normalised: ``T = W / W.sum(1)`` (a row-stochastic matrix
   is used unchanged).
 * image→text: row ``i`` of ``L`` is a distribution over texts with target ``T[i]``.
@@ -20,8 +20,8 @@ Gradients flow to both feature tensors and to ``logit_scale``; targets get none.
 float32 or wider whatever the input dtype (bf16 logits at logit scale 100 lose the loss's third
 digit).
 
-Implementations (``impl``): ``"triton"`` (fused CUDA kernel, ``kernels.infonce_triton``),
-``"torch"`` (row chunks of at most 1M logits, ``kernels.infonce_torch``), ``"dense"`` (the direct
+Implementations (``impl``): ``"triton"`` (fused CUDA kernel, ``hilum.kernels.infonce_triton``),
+``"torch"`` (row chunks of at most 1M logits, ``hilum.kernels.infonce_torch``), ``"dense"`` (the direct
 formula, O(B²), the float64 test oracle). ``"auto"`` picks Triton for CUDA tensors and the chunked
 reference elsewhere.
 """
@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from kernels import infonce_torch
-from kernels.infonce_block import Block, BlockStats, block_loss
-from kernels.targets import DenseTargets, SoftTargets
+from hilum.kernels import infonce_torch
+from hilum.kernels.infonce_block import Block, BlockStats, block_loss
+from hilum.kernels.targets import DenseTargets, SoftTargets
 
 if TYPE_CHECKING:
-    from kernels.infonce_triton import TileConfig
+    from hilum.kernels.infonce_triton import TileConfig
 
 Impl = Literal["auto", "triton", "torch", "dense"]
 Directions = Literal["both", "image_to_text", "text_to_image"]
@@ -61,7 +61,7 @@ def _as_targets(targets: torch.Tensor | SoftTargets | None) -> SoftTargets | Non
         return targets
     if isinstance(targets, torch.Tensor):
         return DenseTargets(targets)
-    raise TypeError(f"targets must be None, a tensor or kernels.targets.SoftTargets, got {type(targets).__name__}")
+    raise TypeError(f"targets must be None, a tensor or hilum.kernels.targets.SoftTargets, got {type(targets).__name__}")
 
 
 def check_features(image_features: torch.Tensor, text_features: torch.Tensor, targets: SoftTargets | None) -> None:
@@ -89,7 +89,7 @@ def require_positive(name: str, sums: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of the block contract (``kernels.infonce_block``), options bound."""
+    """One implementation of the block contract (``hilum.kernels.infonce_block``), options bound."""
 
     row_sums: Callable[[Block], torch.Tensor]
     forward: Callable[[Block], BlockStats]
@@ -107,7 +107,7 @@ def resolve_impl(impl: Impl, features: torch.Tensor) -> str:
 def make_backend(impl: str, chunk_size: int = infonce_torch.DEFAULT_CHUNK, fp32_precision: str = "tf32x3",
                  tile_config: TileConfig | None = None) -> Backend:
     if impl == "triton":  # imported on first use: importing triton costs a second
-        from kernels import infonce_triton as module
+        from hilum.kernels import infonce_triton as module
 
         options: dict = dict(config=tile_config, fp32_precision=fp32_precision)
     else:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.targets import SoftTargets
+from hilum.kernels.targets import SoftTargets
 
 
 @dataclass(eq=False)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.distributed as dist
 
-from kernels import infonce_torch
-from kernels.infonce import (
+from hilum.kernels import infonce_torch
+from hilum.kernels.infonce import (
     Directions,
     Impl,
     _as_targets,
@@ -32,11 +32,11 @@ from kernels.infonce import (
     resolve_impl,
     solve_block,
 )
-from kernels.infonce_block import Block, block_loss
-from kernels.targets import DenseTargets, SoftTargets
+from hilum.kernels.infonce_block import Block, block_loss
+from hilum.kernels.targets import DenseTargets, SoftTargets
 
 if TYPE_CHECKING:
-    from kernels.infonce_triton import TileConfig
+    from hilum.kernels.infonce_triton import TileConfig
 
 GradReduction = Literal["exact", "data_parallel"]
 
@@ -163,7 +163,7 @@ def infonce_loss_distributed(
     gradient; use this inside training.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        from kernels.infonce import infonce_loss
+        from hilum.kernels.infonce import infonce_loss
 
         return infonce_loss(image_features, text_features, logit_scale, targets, impl=impl, chunk_size=chunk_size,
                             fp32_precision=fp32_precision, tile_config=tile_config, directions=directions)

@@ -1,4 +1,4 @@
-"""The chunked PyTorch backend of ``kernels.infonce``: exact, bounded memory, any device.
+"""The chunked PyTorch backend of ``hilum.kernels.infonce``: exact, bounded memory, any device.
 
 It walks the block in row chunks, so CPU training with large batches never holds the B×B
 logits, and it is the oracle the Triton kernel is tested against. Arithmetic is float32, or
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from kernels.infonce_block import Block, BlockStats
+from hilum.kernels.infonce_block import Block, BlockStats
 
 DEFAULT_CHUNK = 1024
 # Each temporary holds at most this many logits (4 MiB in float32), whatever the batch: with

@@ -1,4 +1,4 @@
-"""Triton backend of ``kernels.infonce``: fused, tiled, never materialising the B×B logits.
+"""Triton backend of ``hilum.kernels.infonce``: fused, tiled, never materialising the B×B logits.
 
 Written by hand because no library offers it: open_clip materialises the logits, Inf-CL tiles
 them but computes one direction per call, fp32 only and hard labels only. Here
@@ -9,11 +9,11 @@ them but computes one direction per call, fp32 only and hard labels only. Here
 * the backward recomputes the tiles twice: once row-parallel for ``dx`` (and the temperature's
   gradient), once column-parallel for ``dy``; every output element is written by one program,
   so results are deterministic;
-* target weights are regenerated inside each tile from per-sample data (``kernels.targets``);
+* target weights are regenerated inside each tile from per-sample data (``hilum.kernels.targets``);
 * inputs may be bf16/fp16/fp32, accumulation is fp32, exponentials use a running max in
   base 2, and any B and D work (edges are masked).
 
-The block statistics and gradients follow ``kernels.infonce_block``, the same contract as the
+The block statistics and gradients follow ``hilum.kernels.infonce_block``, the same contract as the
 chunked PyTorch backend that tests this one.
 """
 
@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.infonce_block import Block, BlockStats
-from kernels.targets import HARD
+from hilum.kernels.infonce_block import Block, BlockStats
+from hilum.kernels.targets import HARD
 
 LN2 = 0.6931471805599453
 # Kernels work in base 2 (exp2/log2 are the hardware's): logits are scaled by log2(e) on the way in

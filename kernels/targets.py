@@ -1,7 +1,7 @@
 """Soft targets for InfoNCE that are functions of per-sample data, so no B×B matrix is stored.
 
 A target object describes unnormalised pair weights ``W[i, j]`` between image ``i`` (row) and
-text ``j`` (column) of the global batch. The loss normalises them itself (see ``kernels.infonce``):
+text ``j`` (column) of the global batch. The loss normalises them itself (see ``hilum.kernels.infonce``):
 ``T = W / W.sum(1)`` for image→text and ``T[:, j] / T[:, j].sum()`` for text→image. Because
 ``W`` is regenerated tile by tile from O(B) per-sample data, the fused kernel and the chunked
 reference never hold more than one tile of it.
@@ -51,7 +51,7 @@ class SoftTargets(ABC):
 
     @abstractmethod
     def triton_args(self) -> tuple[int, tuple[torch.Tensor, ...], float]:
-        """(mode, tensors, scalar) for the kernel; see ``kernels.infonce_triton._target_weights``."""
+        """(mode, tensors, scalar) for the kernel; see ``hilum.kernels.infonce_triton._target_weights``."""
 
     @abstractmethod
     def gather(self, group: dist.ProcessGroup | None = None) -> "SoftTargets":

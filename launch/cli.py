@@ -23,10 +23,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.quick_exit import freeze_at_exit
-from launch.config import RESOLVED_CONFIG, ConfigError, HilumConfig, dump_config, load_config, load_run_config, resolve_paths
-from launch.jobs import JOB_FILE, JobRecord, driver_state, job_state, mark_driver, stop, submit
-from trainer.data.storage import redact_url
+from hilum.cluster.quick_exit import freeze_at_exit
+from hilum.launch.config import (
+    RESOLVED_CONFIG,
+    ConfigError,
+    HilumConfig,
+    dump_config,
+    load_config,
+    load_run_config,
+    resolve_paths,
+)
+from hilum.launch.jobs import JOB_FILE, JobRecord, driver_state, job_state, mark_driver, stop, submit
+from hilum.monitoring.console import configure_console, set_verbose
+from hilum.trainer.data.storage import redact_url
 
 log = logging.getLogger("hilum.launch")
 
@@ -38,6 +47,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launcher", choices=("ray", "local"), help="shortcut for --set cluster.launcher=…")
     p.add_argument("--address", help="Ray cluster address (shortcut for --set cluster.address=…); default: embedded local Ray")
     p.add_argument("--workers", type=int, help="shortcut for --set cluster.num_workers=…")
+    _verbose_arg(p, default=argparse.SUPPRESS)
+
+
+def _verbose_arg(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="also show Ray's, Ray Train's and DeepSpeed's INFO lines, in this process and every worker")
 
 
 def _shortcuts(args: argparse.Namespace) -> list[str]:
@@ -53,6 +68,7 @@ def _shortcuts(args: argparse.Namespace) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hilum", description="Distributed medical vision-language pre-training.")
+    _verbose_arg(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a config (validated before any worker starts)",
@@ -98,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_checkpoints)
 
-    p = sub.add_parser("export", help="write a checkpoint as one fp32 model + config + tokenizer (launch.export.from_pretrained loads it)")
+    p = sub.add_parser("export", help="write a checkpoint as one fp32 model + config + tokenizer (hilum.launch.export.from_pretrained loads it)")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest complete one)")
@@ -169,7 +185,7 @@ def _llm_extractor(args: argparse.Namespace) -> Any:
         return None
     if not (args.llm_url and args.llm_model):
         raise ConfigError("--entities llm needs --llm-url (an OpenAI-compatible API base) and --llm-model")
-    from trainer.data.llm_entities import DEFAULT_PROMPT, LLMExtractor
+    from hilum.trainer.data.llm_entities import DEFAULT_PROMPT, LLMExtractor
 
     prompt = args.llm_prompt or str(DEFAULT_PROMPT)
     if not Path(prompt).is_file():
@@ -194,7 +210,7 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _launch(cfg: HilumConfig, resume: bool) -> dict[str, Any]:
-    from launch.preflight import preflight
+    from hilum.launch.preflight import preflight
 
     preflight(cfg)
     run_dir = cfg.run_dir
@@ -205,11 +221,11 @@ def _launch(cfg: HilumConfig, resume: bool) -> dict[str, Any]:
     mark_driver(run_dir, "RUNNING")
     try:
         if cfg.cluster.launcher == "local":
-            from cluster.local import run_local
+            from hilum.cluster.local import run_local
 
             result = run_local(cfg, resume)
         else:
-            from cluster.ray_runner import run_ray
+            from hilum.cluster.ray_runner import run_ray
 
             result = run_ray(cfg, resume)
     except SystemExit:
@@ -233,7 +249,7 @@ def _launch(cfg: HilumConfig, resume: bool) -> dict[str, Any]:
 
 
 def _latest_checkpoint(cfg: HilumConfig) -> str | None:
-    from trainer.checkpoint import store_for
+    from hilum.trainer.checkpoint import store_for
 
     found = store_for(cfg).latest_complete()
     return redact_url(found.url) if found else None
@@ -242,7 +258,7 @@ def _latest_checkpoint(cfg: HilumConfig) -> str | None:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_paths(load_config(args.config, _shortcuts(args)))
     if args.dry_run:
-        from launch.preflight import preflight
+        from hilum.launch.preflight import preflight
 
         preflight(cfg)
         print(json.dumps(cfg.to_dict(), indent=1))
@@ -279,7 +295,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _background(cfg: HilumConfig, address: str | None, resume: bool) -> None:
-    from launch.preflight import preflight
+    from hilum.launch.preflight import preflight
 
     preflight(cfg)
     run_dir = cfg.run_dir.resolve()
@@ -321,7 +337,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from monitoring.status import show
+    from hilum.monitoring.status import show
 
     run_dir = Path(args.run_dir)
     if not (run_dir / RESOLVED_CONFIG).is_file():
@@ -344,7 +360,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import store_for
+    from hilum.trainer.checkpoint import store_for
 
     store = store_for(load_run_config(Path(args.run_dir)))
     found = store.list_complete()
@@ -358,15 +374,15 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launch.export import export
+    from hilum.launch.export import export
 
     ckpt = export(Path(args.run_dir), Path(args.out), args.step)
-    print(f"exported step {ckpt.step} of {args.run_dir} to {args.out} (load with launch.export.from_pretrained)")
+    print(f"exported step {ckpt.step} of {args.run_dir} to {args.out} (load with hilum.launch.export.from_pretrained)")
     return 0
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from trainer.data.phantom_dataset import build_phantom_dataset
+    from hilum.trainer.data.phantom_dataset import build_phantom_dataset
 
     t0 = time.perf_counter()
     manifests = build_phantom_dataset(args.out, args.train, args.test, args.size, args.seed, args.samples_per_shard)
@@ -379,8 +395,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from trainer.data.shard_build import ImageOptions, build
-    from trainer.data.sources import FRONTAL_VIEWS, Filters, csv_records, mimic_records
+    from hilum.trainer.data.shard_build import ImageOptions, build
+    from hilum.trainer.data.sources import FRONTAL_VIEWS, Filters, csv_records, mimic_records
 
     storage = _storage_options(args)
     if args.views is None:
@@ -413,7 +429,7 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_verify(args: argparse.Namespace) -> int:
-    from trainer.data.shard_build import verify
+    from hilum.trainer.data.shard_build import verify
 
     report = verify(args.manifest, _storage_options(args), args.workers)
     for problem in report.problems:
@@ -428,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     freeze_at_exit()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
+    configure_console("%(asctime)s %(levelname)s %(name)s: %(message)s")
     # `hilum stop` sends SIGTERM: exit through Python, so the driver records it and Ray shuts down.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:

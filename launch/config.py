@@ -2,7 +2,7 @@
 
 Every section is a strict pydantic model: unknown keys, wrong types and out-of-range values are
 refused before any worker starts, and the error names the dotted field (``optim.lr``) and the
-reason. Objective terms are registered in :mod:`trainer.objectives`; their config classes join the
+reason. Objective terms are registered in :mod:`hilum.trainer.objectives`; their config classes join the
 schema through that registry, so a new term needs no edit here.
 """
 
@@ -19,9 +19,8 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.objectives import objective_class as _objective_class
-from trainer.objectives import objective_config_types
-
+from hilum.trainer.objectives import objective_class as _objective_class
+from hilum.trainer.objectives import objective_config_types
 
 RESOLVED_CONFIG = "config.yaml"  # a run directory's copy of the config it was started with
 
@@ -36,7 +35,7 @@ class _Section(BaseModel):
 
 
 def _refuse_literal_credentials(options: dict[str, Any]) -> dict[str, Any]:
-    from trainer.data.storage import literal_secrets
+    from hilum.trainer.data.storage import literal_secrets
 
     secrets = literal_secrets(options)
     if secrets:

@@ -25,9 +25,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from launch.config import HilumConfig, dump_config, load_config, load_run_config
-from trainer.checkpoint import CheckpointInfo, _deepspeed_safe_globals, local_copy, store_for
-from trainer.data.storage import redact_url
+from hilum.launch.config import HilumConfig, dump_config, load_config, load_run_config
+from hilum.trainer.checkpoint import CheckpointInfo, _deepspeed_safe_globals, local_copy, store_for
+from hilum.trainer.data.storage import redact_url
 
 _LOAD_LOCK = threading.Lock()
 
@@ -66,7 +66,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def _model_parts(cfg: HilumConfig) -> dict[str, bool]:
-    from trainer.objectives import objective_class
+    from hilum.trainer.objectives import objective_class
 
     classes = [objective_class(t.name) for t in cfg.objectives]
     return {"divergence": any(c.divergence_encoders for c in classes), "multi_level": any(c.multi_level for c in classes)}
@@ -76,8 +76,8 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> CheckpointInfo:
     """Write the consolidated model of ``run_dir``'s latest complete checkpoint (or ``step``'s)."""
     from safetensors.torch import save_file
 
-    from trainer.data.text import load_tokenizer
-    from trainer.models.dual_encoder import build_model
+    from hilum.trainer.data.text import load_tokenizer
+    from hilum.trainer.models.dual_encoder import build_model
 
     cfg = load_run_config(run_dir)
     store = store_for(cfg)
@@ -104,8 +104,8 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> CheckpointInfo:
 class PretrainedDualEncoder:
     """An exported model, ready for downstream use: unit-norm embeddings of images and texts."""
 
-    model: Any  # trainer.models.dual_encoder.DualEncoder, in eval mode
-    tokenize: Any  # trainer.data.text.Tokenize
+    model: Any  # hilum.trainer.models.dual_encoder.DualEncoder, in eval mode
+    tokenize: Any  # hilum.trainer.data.text.Tokenize
     config: HilumConfig
 
     @torch.no_grad()
@@ -128,8 +128,8 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
     """Load what :func:`export` wrote; needs nothing else (no run directory, no pretrained tower)."""
     from safetensors.torch import load_file
 
-    from trainer.data.text import Tokenize
-    from trainer.models.dual_encoder import build_model
+    from hilum.trainer.data.text import Tokenize
+    from hilum.trainer.models.dual_encoder import build_model
 
     path = Path(path)
     for name in ("model.safetensors", "config.yaml", "text_config.json", "tokenizer", "export.json"):

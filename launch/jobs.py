@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +25,8 @@ from typing import Any
 
 JOB_FILE = "job.json"
 DRIVER_FILE = "driver.json"
-# hilum's own packages, shipped to the cluster with each Ray job so that it runs the submitter's code
-# (its dependencies must be installed there: see the Dockerfile).
+# hilum's own packages (folder = the name under ``hilum.``), shipped to the cluster with each Ray job
+# so that it runs the submitter's code (its dependencies must be installed there: see the Dockerfile).
 PACKAGES = ("launch", "trainer", "cluster", "kernels", "monitoring")
 
 
@@ -59,7 +60,7 @@ def driver_state(run_dir: Path) -> dict[str, Any]:
 
 
 def _entrypoint(run_dir: Path, resume: bool, ray_job: bool) -> list[str]:
-    cmd = ["-m", "launch.cli", "train", "--config", str(run_dir / "config.yaml")]
+    cmd = ["-m", "hilum.launch.cli", "train", "--config", str(run_dir / "config.yaml")]
     if ray_job:  # inside a Ray job, "auto" is the cluster the job runs on
         cmd += ["--launcher", "ray", "--address", "auto"]
     return cmd + (["--resume"] if resume else [])
@@ -79,22 +80,31 @@ def submit(run_dir: Path, address: str | None, resume: bool, name: str) -> JobRe
     return record
 
 
-def _submit_ray_job(run_dir: Path, address: str, resume: bool, name: str) -> JobRecord:
-    import shutil
+def stage_packages(dest: Path) -> Path:
+    """Copy hilum's packages into ``dest/hilum`` and return that folder, the one module a Ray job
+    ships (``py_modules``). Ray makes a shipped folder importable by its own name, and the packages
+    are imported as ``hilum.<package>``, so they travel inside a ``hilum`` folder: a namespace
+    portion that comes before the cluster's installed copy on the job's path."""
+    root = Path(__file__).resolve().parents[1]  # the folder that holds launch/, trainer/, ...
+    staged = dest / "hilum"
+    for package in PACKAGES:
+        shutil.copytree(root / package, staged / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return staged
 
+
+def _submit_ray_job(run_dir: Path, address: str, resume: bool, name: str) -> JobRecord:
     from ray.job_submission import JobSubmissionClient
 
-    from cluster.ray_runner import worker_env
+    from hilum.cluster.ray_runner import worker_env
 
-    root = Path(__file__).resolve().parents[1]
     client = JobSubmissionClient(address)
     job_id = f"hilum-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with tempfile.TemporaryDirectory() as workdir:  # the job's working directory holds nothing but the config
-        shutil.copy(run_dir / "config.yaml", Path(workdir) / "config.yaml")
+    with tempfile.TemporaryDirectory() as workdir, tempfile.TemporaryDirectory() as modules:
+        shutil.copy(run_dir / "config.yaml", Path(workdir) / "config.yaml")  # the working directory holds nothing else
         client.submit_job(
             entrypoint=" ".join(["python", *_entrypoint(run_dir, resume, ray_job=True)]),
             submission_id=job_id,
-            runtime_env={"working_dir": workdir, "py_modules": [str(root / p) for p in PACKAGES],
+            runtime_env={"working_dir": workdir, "py_modules": [str(stage_packages(Path(modules)))],
                          "env_vars": worker_env()},
             metadata={"hilum_run": name, "run_dir": str(run_dir)},
         )

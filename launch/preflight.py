@@ -11,10 +11,10 @@ import os
 
 import torch
 
-from launch.config import ConfigError, HilumConfig
-from trainer.data.shards import load_manifest
-from trainer.data.storage import resolve_env_refs
-from trainer.data.stream import StreamSpec, slot_size
+from hilum.launch.config import ConfigError, HilumConfig
+from hilum.trainer.data.shards import load_manifest
+from hilum.trainer.data.storage import resolve_env_refs
+from hilum.trainer.data.stream import StreamSpec, slot_size
 
 
 def preflight(cfg: HilumConfig) -> None:
@@ -49,7 +49,7 @@ def preflight(cfg: HilumConfig) -> None:
     if problems:
         raise ConfigError("refusing to start:\n  " + "\n  ".join(problems))
     try:
-        from trainer.data.text import load_tokenizer
+        from hilum.trainer.data.text import load_tokenizer
 
         vocab = len(load_tokenizer(cfg.model.text.tokenizer))
     except (OSError, ValueError) as err:
@@ -64,7 +64,7 @@ def host_bytes_per_rank(cfg: HilumConfig) -> int:
     plus ``data.prefetch`` + 1 in the training process. GPU decode: only GradCache keeps the
     decoded batch on the host (bf16: 2 bytes a value), ``data.prefetch`` + 1 of them.
     """
-    from trainer.engine import device_type
+    from hilum.trainer.engine import device_type
 
     d = cfg.data
     values = d.batch_size * d.in_chans * d.image_size**2
@@ -78,7 +78,7 @@ def _check_host_memory(cfg: HilumConfig) -> list[str]:
     embedded Ray): the kernel would kill the run minutes later, after the DeepSpeed build.
     GradCache's per-rank batches of tens of thousands reach it first (65 536 grey 224² images:
     13 GB a batch as float32)."""
-    from cluster.ray_runner import ray_address
+    from hilum.cluster.ray_runner import ray_address
 
     if cfg.cluster.launcher == "ray" and ray_address(cfg):
         return []
@@ -99,7 +99,7 @@ def _check_model(cfg: HilumConfig, vocab: int) -> None:
     The text tower is built but not run: transformers inspects attention-mask values, which meta
     tensors do not have; its output width is fixed by construction anyway.
     """
-    from trainer.models.dual_encoder import build_model
+    from hilum.trainer.models.dual_encoder import build_model
 
     d = cfg.data
     # Files were checked above; loading real weights is the workers' job.

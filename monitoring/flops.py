@@ -64,7 +64,7 @@ def training_flops_per_sample(
     gradcache: bool = False,
     global_batch: int = 1,
 ) -> dict[str, int]:
-    """Per-sample FLOPs of one training step for a CPU :class:`~trainer.models.dual_encoder.DualEncoder`
+    """Per-sample FLOPs of one training step for a CPU :class:`~hilum.trainer.models.dual_encoder.DualEncoder`
     (see the module docstring for what is counted)."""
     image = torch.zeros(1, in_chans, image_size, image_size)
     ids = torch.ones(1, context_length, dtype=torch.long)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
 
-from monitoring.flops import mfu
+from hilum.monitoring.flops import mfu
 
 log = logging.getLogger("hilum.metrics")
 

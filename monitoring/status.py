@@ -70,7 +70,7 @@ def render(run_dir: Path, views: list[RankView]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    from trainer.checkpoint import list_complete
+    from hilum.trainer.checkpoint import list_complete
 
     state = "running" if any(v.live for v in views) else ("finished or stopped" if views else "no metrics yet")
     job_rate = sum(v.values.get("hilum_samples_per_second", 0.0) for v in views)

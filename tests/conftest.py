@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,11 @@ if _no_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-HILUM = [sys.executable, "-m", "launch.cli"]
+# The `hilum` console script installed beside this interpreter, run (cwd=OUTSIDE) from a directory
+# outside the repository, as a user runs it: nothing may depend on the repository root being on
+# sys.path.
+HILUM = [shutil.which("hilum", path=str(Path(sys.executable).parent)) or "hilum"]
+OUTSIDE = Path(tempfile.gettempdir())
 
 
 def png_bytes(rng: np.random.Generator, size: int = 32) -> bytes:
@@ -50,7 +56,7 @@ def simple_samples(n: int, prefix: str = "s", seed: int = 0):
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """A small phantom data set (shards, manifests, tokenizer) shared by the end-to-end tests."""
-    from trainer.data.phantom_dataset import build_phantom_dataset
+    from hilum.trainer.data.phantom_dataset import build_phantom_dataset
 
     out = tmp_path_factory.mktemp("phantom")
     build_phantom_dataset(str(out), n_train=256, n_test=64, size=64, seed=0, samples_per_shard=64)
@@ -59,7 +65,7 @@ def phantom_dir(tmp_path_factory) -> Path:
 
 def tiny_config(phantom_dir: Path, run_root: Path, **sections) -> dict:
     """The tiny-clip config shrunk for tests, pointing at a phantom data set."""
-    from launch.config import parse_yaml
+    from hilum.launch.config import parse_yaml
 
     raw = parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text())
     raw["run"].update(output_dir=str(run_root), name="t")
@@ -102,7 +108,7 @@ def train_shipped_config(name: str, phantom_dir: Path, run_root: Path, steps: in
     """Train ``configs/NAME.yaml`` on the test phantom set through `hilum train` (2 local workers,
     16 per rank, GradCache chunks of 6); return the logged values of its term and the zero-shot
     evaluation."""
-    from launch.config import parse_yaml
+    from hilum.launch.config import parse_yaml
     from tests.test_e2e import hilum
 
     raw = parse_yaml((ROOT / "configs" / f"{name}.yaml").read_text())

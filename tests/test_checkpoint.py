@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from trainer import checkpoint  # noqa: E402
+from hilum.trainer import checkpoint  # noqa: E402
 
 
 class _Evil:

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.objectives import ObjectiveInputs
-from trainer.objectives.cicl import CiclConfig, CiclObjective
+from hilum.trainer.objectives import ObjectiveInputs
+from hilum.trainer.objectives.cicl import CiclConfig, CiclObjective
 
 
 def _cicl_transcribed(v, t, e, log_scale, lam):
@@ -49,7 +49,7 @@ def test_cicl_is_eq_3_to_5(impl, embedding):
 
 def test_cicl_with_identical_reports_everywhere_is_not_clip():
     """Sanity: with clinically similar reports the targets spread beyond the diagonal."""
-    from kernels import infonce_loss
+    from hilum.kernels.infonce import infonce_loss
 
     g = torch.Generator().manual_seed(0)
     v, t = (F.normalize(torch.randn(6, 4, generator=g, dtype=torch.float64), dim=1) for _ in range(2))

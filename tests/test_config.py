@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from launch.config import ConfigError, build_config, load_config, parse_yaml
-from tests.conftest import HILUM, ROOT
+from hilum.launch.config import ConfigError, build_config, load_config, parse_yaml
+from tests.conftest import HILUM, OUTSIDE, ROOT
 
 
 def refuse(raw, overrides=()):
@@ -62,7 +62,7 @@ def test_cli_refuses_bad_config_before_any_worker(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "configs" / "tiny-clip.yaml").read_text().replace("lr: 1.0e-3", "lr: fast").replace("batch_size: 32", "batch_sise: 32"))
     proc = subprocess.run([*HILUM, "train", "--config", str(bad), "--set", f"run.output_dir={tmp_path}/runs"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=120, cwd=OUTSIDE)
     assert proc.returncode == 2
     assert "optim.lr" in proc.stderr and "data.batch_sise: unknown key" in proc.stderr
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
@@ -73,7 +73,7 @@ def test_cli_refuses_missing_data_before_any_worker(tmp_path):
     proc = subprocess.run(
         [*HILUM, "train", "--config", str(ROOT / "configs" / "tiny-clip.yaml"),
          "--set", f"data.train_manifest={tmp_path}/nope.json", "--set", f"run.output_dir={tmp_path}/runs"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True, text=True, timeout=120, cwd=OUTSIDE,
     )
     assert proc.returncode == 2
     assert "data.train_manifest" in proc.stderr and "nope.json" in proc.stderr
@@ -82,7 +82,7 @@ def test_cli_refuses_missing_data_before_any_worker(tmp_path):
 
 @pytest.mark.parametrize("command", ["train", "resume", "shards"])
 def test_help(command):
-    proc = subprocess.run([*HILUM, command, "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = subprocess.run([*HILUM, command, "--help"], capture_output=True, text=True, timeout=60, cwd=OUTSIDE)
     assert proc.returncode == 0 and "usage: hilum" in proc.stdout
 
 
@@ -91,7 +91,7 @@ def test_batches_larger_than_this_machine_are_refused_before_any_worker(phantom_
     way (float32, loader prefetch + training prefetch) must fit in memory when every rank runs here."""
     import os
 
-    from launch.preflight import host_bytes_per_rank, preflight
+    from hilum.launch.preflight import host_bytes_per_rank, preflight
     from tests.conftest import tiny_config
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

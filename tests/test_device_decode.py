@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.config import ConfigError, build_config
+from hilum.launch.config import ConfigError, build_config
+from hilum.trainer.data.augment import PIXEL_MEAN, PIXEL_STD, AugmentSpec
+from hilum.trainer.data.device_decode import DeviceDecoder
+from hilum.trainer.data.shards import load_manifest, write_shards
+from hilum.trainer.data.stream import Preprocess, ShardStream, StreamSpec, make_loader
 from tests.test_stream import FakeTokenize
-from trainer.data.augment import AugmentSpec, PIXEL_MEAN, PIXEL_STD
-from trainer.data.device_decode import DeviceDecoder
-from trainer.data.shards import load_manifest, write_shards
-from trainer.data.stream import Preprocess, ShardStream, StreamSpec, make_loader
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -116,7 +116,7 @@ def test_truncated_jpeg_is_refused_in_the_worker_not_on_the_device():
 def test_a_jpeg_the_decoder_refuses_is_replaced_grey_and_counted(caplog):
     good = _encoded(np.full((20, 30), 200, np.uint8), "JPEG")
     broken = good[:200] + b"\xff\xd9"  # header intact, end marker present, scan data gone
-    from trainer.data.augment import AugmentParams
+    from hilum.trainer.data.augment import AugmentParams
 
     batch = {
         "jpeg": {"size": 2, "index": [0, 1], "data": torch.frombuffer(bytearray(good + broken), dtype=torch.uint8),
@@ -140,7 +140,7 @@ def test_gpu_decode_on_a_cpu_device_is_refused_at_launch():
 def test_batched_augmentation_equals_the_per_image_path(augment):
     """Float64, awkward sizes (crops that shrink and crops that enlarge), and padding that must not
     leak in: the batch gives what torchvision's per-image resized_crop + intensity ops give."""
-    from trainer.data.augment import apply_params, apply_params_batch, draw_params
+    from hilum.trainer.data.augment import apply_params, apply_params_batch, draw_params
 
     g = torch.Generator().manual_seed(1)
     spec = AugmentSpec(24, augment, crop_scale_min=0.3, brightness=0.3, contrast=0.3)
@@ -157,7 +157,7 @@ def test_batched_augmentation_equals_the_per_image_path(augment):
 
 @pytest.mark.parametrize("mode,progressive", [("L", False), ("L", True), ("RGB", False), ("RGB", True), ("CMYK", False)])
 def test_jpeg_frame_header_agrees_with_pil(mode, progressive):
-    from trainer.data.stream import jpeg_frame
+    from hilum.trainer.data.stream import jpeg_frame
 
     rng = np.random.default_rng(2)
     image = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)).convert(mode)

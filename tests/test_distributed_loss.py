@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluster.local import free_port
-from trainer.distributed import gather_with_grad
-from trainer.objectives import ObjectiveInputs, build_objectives
-from launch.config import build_config
+from hilum.cluster.local import free_port
+from hilum.launch.config import build_config
+from hilum.trainer.distributed import gather_with_grad
+from hilum.trainer.objectives import ObjectiveInputs, build_objectives
 
 
 def _features(seed=0):
@@ -91,7 +90,7 @@ def _global_problem(kind):
 
 
 def _targets(kind, data, rows):
-    from kernels import LabelSimilarityTargets, ReportCorrelationTargets
+    from hilum.kernels.targets import LabelSimilarityTargets, ReportCorrelationTargets
 
     if kind == "correlation":
         return ReportCorrelationTargets(data["emb"][rows])
@@ -101,7 +100,7 @@ def _targets(kind, data, rows):
 
 
 def _dist_rank(rank, port, queue, cases):
-    from kernels import infonce_loss_distributed
+    from hilum.kernels.infonce_distributed import infonce_loss_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -122,7 +121,7 @@ def _dist_rank(rank, port, queue, cases):
 
 
 def test_distributed_loss_equals_single_process_global_batch():
-    from kernels import infonce_loss_reference
+    from hilum.kernels.infonce import infonce_loss_reference
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()

@@ -12,11 +12,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.local import free_port
+from hilum.cluster.local import free_port
+from hilum.trainer.moving_average import MovingAverage, MovingAverageError, eq7_update
+from hilum.trainer.objectives import ObjectiveInputs
+from hilum.trainer.objectives.divergence import DivergenceConfig, DivergenceObjective
 from tests.conftest import tiny_config
-from trainer.moving_average import MovingAverage, MovingAverageError, eq7_update
-from trainer.objectives import ObjectiveInputs
-from trainer.objectives.divergence import DivergenceConfig, DivergenceObjective
 
 PER_RANK, STEPS = 6, 3
 
@@ -78,7 +78,7 @@ def test_moving_average_is_eq_7_and_refuses_what_it_cannot_do():
 
 
 def _config(phantom_dir, run_root, stage, name=None):
-    from launch.config import build_config
+    from hilum.launch.config import build_config
 
     raw = tiny_config(phantom_dir, run_root, train={"zero_stage": stage, "checkpoint_every": 0},
                       monitoring={"enabled": False})
@@ -128,11 +128,9 @@ def _full(params):
 def _rank(rank, port, phantom_dir, run_root, stages):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-    from trainer import checkpoint
-    from trainer.checkpoint import TrainState
-    from trainer.loop import build_worker, save_checkpoint, train_step
-
-    from trainer import engine
+    from hilum.trainer import checkpoint, engine
+    from hilum.trainer.checkpoint import TrainState
+    from hilum.trainer.loop import build_worker, save_checkpoint, train_step
 
     for stage in stages:
         if stage == PERSISTENT:  # DeepSpeed's persistent parameters, as on GPUs, gathered safely on gloo

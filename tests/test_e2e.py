@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HILUM, ROOT, tiny_config, write_config
-from trainer.checkpoint import latest_complete, list_complete
+from hilum.trainer.checkpoint import latest_complete, list_complete
+from tests.conftest import HILUM, OUTSIDE, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
 
 def hilum(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*HILUM, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run([*HILUM, *args], capture_output=True, text=True, timeout=timeout, cwd=OUTSIDE)
     assert proc.returncode == 0, f"hilum {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -42,8 +42,15 @@ def test_ray_train_two_workers_zero2(phantom_dir, tmp_path):
     assert set(ev["retrieval"]) == {"image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5"}
     assert sorted(p.name for p in (run_dir / "metrics_targets").iterdir()) == ["rank0.json", "rank1.json"]
     assert "zero-shot accuracy" in proc.stdout
+    # The console: hilum's lines, the libraries' only when they warn (Ray Train logs every report
+    # with its whole metrics dict at INFO; DeepSpeed prints and warns at every start).
+    console = proc.stdout + proc.stderr
+    assert "INFO hilum: step 6/6 |" in console and "INFO hilum: eval step 6 |" in console
+    for noise in ("Reporting training result", "TrainingReport(", "built successfully", "Requesting resources",
+                  "Attempting to get learning rate", "all_gather_into_tensor", "PreemptionWatcher", "samples skipped: none"):
+        assert noise not in console, noise
     # A second `train` into the same run directory must not clobber it.
-    again = subprocess.run([*HILUM, "train", "--config", str(cfg)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    again = subprocess.run([*HILUM, "train", "--config", str(cfg)], capture_output=True, text=True, timeout=120, cwd=OUTSIDE)
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
@@ -52,7 +59,7 @@ def test_sigkill_after_checkpoint_then_resume_continues_at_next_step(phantom_dir
                       cluster={"launcher": "local"}, eval={"at_end": False})
     cfg = write_config(tmp_path / "c.yaml", raw)
     run_dir = tmp_path / "runs" / "t"
-    proc = subprocess.Popen([*HILUM, "train", "--config", str(cfg)], cwd=ROOT, start_new_session=True,
+    proc = subprocess.Popen([*HILUM, "train", "--config", str(cfg)], cwd=OUTSIDE, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 420

@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from trainer.data import phantom
-from trainer.data.entities import CATEGORIES, extract_entities, load_knowledge, structured_label
+from hilum.trainer.data import phantom
+from hilum.trainer.data.entities import CATEGORIES, extract_entities, load_knowledge, structured_label
 
 CASES = {
     # report text -> expected (severity, location, category, uncertain), sorted
@@ -66,8 +66,8 @@ def test_knowledge_dictionary_explains_every_category():
 
 
 def test_shard_build_stores_the_entities(tmp_path):
-    from trainer.data.phantom_dataset import write_mimic_layout
-    from trainer.data.sources import Filters, mimic_records
+    from hilum.trainer.data.phantom_dataset import write_mimic_layout
+    from hilum.trainer.data.sources import Filters, mimic_records
 
     write_mimic_layout(str(tmp_path), 30, size=64)
     records = mimic_records(str(tmp_path))

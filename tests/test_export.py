@@ -15,11 +15,11 @@ from tests.test_e2e import hilum
 
 @pytest.mark.parametrize("stage", [0, 3])
 def test_export_then_from_pretrained_reproduces_the_runs_evaluation(phantom_dir, tmp_path, stage):
-    from launch.export import from_pretrained
-    from trainer.data.phantom import ZERO_SHOT_PROMPTS
-    from trainer.data.shards import load_manifest
-    from trainer.data.stream import Preprocess
-    from trainer.evaluate import evaluate
+    from hilum.launch.export import from_pretrained
+    from hilum.trainer.data.phantom import ZERO_SHOT_PROMPTS
+    from hilum.trainer.data.shards import load_manifest
+    from hilum.trainer.data.stream import Preprocess
+    from hilum.trainer.evaluate import evaluate
 
     raw = tiny_config(phantom_dir, tmp_path / "runs", train={"zero_stage": stage, "max_steps": 4, "checkpoint_every": 4},
                       cluster={"launcher": "local"})
@@ -46,7 +46,7 @@ def test_export_then_from_pretrained_reproduces_the_runs_evaluation(phantom_dir,
 
 
 def test_export_refuses_what_is_not_there(tmp_path):
-    from launch.export import from_pretrained
+    from hilum.launch.export import from_pretrained
 
     with pytest.raises(FileNotFoundError, match="not a hilum export: model.safetensors"):
         from_pretrained(tmp_path)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import HILUM, ROOT, tiny_config, write_config
+from tests.conftest import HILUM, OUTSIDE, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def config(phantom_dir: Path, tmp_path: Path, name: str, endpoint: str, prefetch
 
 def start(cfg: Path, env: dict, *extra: str) -> subprocess.Popen:
     log = open(cfg.with_suffix(".log"), "w")
-    return subprocess.Popen([*HILUM, "train", "--config", str(cfg), *extra], cwd=ROOT, env=env, stdout=log,
+    return subprocess.Popen([*HILUM, "train", "--config", str(cfg), *extra], cwd=OUTSIDE, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -114,9 +114,9 @@ def trajectory(run_dir: Path) -> dict[int, list[str]]:
 
 
 def final_parameters(cfg_path: Path) -> dict[str, torch.Tensor]:
-    from launch.config import load_config
-    from launch.export import consolidated_state_dict
-    from trainer.checkpoint import local_copy, store_for
+    from hilum.launch.config import load_config
+    from hilum.launch.export import consolidated_state_dict
+    from hilum.trainer.checkpoint import local_copy, store_for
 
     store = store_for(load_config(cfg_path))
     return consolidated_state_dict(local_copy(store, store.find(STEPS)))
@@ -154,8 +154,8 @@ def recovery_seconds(run_dir: Path, failed_at: float) -> float:
 
 def start_on_cluster(phantom_dir, tmp_path, s3_env, cluster, name: str, checkpoint_step: int):
     """Start a run with two restarts allowed on the cluster; return once ``checkpoint_step`` is complete."""
-    from launch.config import load_config
-    from trainer.checkpoint import store_for
+    from hilum.launch.config import load_config
+    from hilum.trainer.checkpoint import store_for
 
     env, endpoint = s3_env
     cfg = config(phantom_dir, tmp_path, name, endpoint, max_failures=2)
@@ -211,8 +211,8 @@ def test_crash_mid_checkpoint_save_resumes_from_the_previous_complete_one(phanto
 def test_whole_run_killed_mid_checkpoint_save_is_resumed_by_hand(phantom_dir, tmp_path, s3_env, reference):
     """No restarts configured (single-node launcher): the crash mid-save ends the run; the
     half-written checkpoint stays invisible and `hilum resume` continues from the one before."""
-    from launch.config import load_config
-    from trainer.checkpoint import COMPLETE, store_for
+    from hilum.launch.config import load_config
+    from hilum.trainer.checkpoint import COMPLETE, store_for
 
     env, endpoint = s3_env
     cfg = config(phantom_dir, tmp_path, "runkill", endpoint, launcher="local")
@@ -226,7 +226,7 @@ def test_whole_run_killed_mid_checkpoint_save_is_resumed_by_hand(phantom_dir, tm
     assert store.fs.exists(half) and not store.fs.exists(f"{half}/{COMPLETE}")  # rank 1's part, no marker
 
     run_dir = tmp_path / "runs" / "runkill"
-    out = subprocess.run([*HILUM, "resume", str(run_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([*HILUM, "resume", str(run_dir)], cwd=OUTSIDE, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"continuing at step {EVERY + 1}" in out.stderr
     check_same_as_reference(cfg, run_dir, reference)

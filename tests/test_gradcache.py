@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cluster.local import free_port
+from hilum.cluster.local import free_port
+from hilum.trainer.gradcache import RngState, chunk_slices
 from tests.conftest import tiny_config
-from trainer.gradcache import RngState, chunk_slices
 
 PER_RANK, CHUNK = 8, 3  # chunks of 3, 3, 2: the chunk does not divide the batch
 
@@ -35,14 +35,14 @@ def test_rng_state_replays_dropout():
 
 
 def test_chunk_larger_than_batch_is_refused(phantom_dir, tmp_path):
-    from launch.config import ConfigError, build_config
+    from hilum.launch.config import ConfigError, build_config
 
     with pytest.raises(ConfigError, match=r"gradcache.chunk_size \(16\) is larger than data.batch_size \(8\)"):
         build_config(tiny_config(phantom_dir, tmp_path, gradcache={"enabled": True, "chunk_size": 16}))
 
 
 def _config(phantom_dir, run_root, stage, gradcache, dropout, freeze_text=False):
-    from launch.config import build_config
+    from hilum.launch.config import build_config
 
     raw = tiny_config(phantom_dir, run_root, train={"zero_stage": stage}, monitoring={"enabled": False},
                       gradcache={"enabled": gradcache, "chunk_size": CHUNK})
@@ -72,9 +72,9 @@ def _grads(engine):
 def _chunked_plain_backward(w, batch):
     """The reference: one graph over the whole batch, encoded chunk by chunk (so dropout draws the
     same masks as GradCache's chunks), one backward."""
-    from trainer.loop import weighted_objective
-    from trainer.objectives import ObjectiveInputs
-    from trainer.distributed import gather_with_grad
+    from hilum.trainer.distributed import gather_with_grad
+    from hilum.trainer.loop import weighted_objective
+    from hilum.trainer.objectives import ObjectiveInputs
 
     outs = [w.engine(*(t[part] for t in batch)) for part in chunk_slices(PER_RANK, CHUNK)]
     inputs = ObjectiveInputs(torch.cat([o.image for o in outs]), torch.cat([o.text for o in outs]),
@@ -95,8 +95,8 @@ def _rel_err(a, b):
 def _rank(rank, port, phantom_dir, run_root, stages, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-    from trainer.gradcache import gradcache_backward
-    from trainer.loop import build_worker, plain_backward, weighted_objective
+    from hilum.trainer.gradcache import gradcache_backward
+    from hilum.trainer.loop import build_worker, plain_backward, weighted_objective
 
     results = {}
     for stage in stages:
@@ -160,10 +160,10 @@ def _bn_rank(rank, port, phantom_dir, run_root, queue):
                       LOCAL_WORLD_SIZE="1")
     import copy
 
-    from launch.config import build_config
-    from trainer.loop import build_worker, train_step
-
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    from hilum.launch.config import build_config
+    from hilum.trainer.loop import build_worker, train_step
 
     def first_bn(tower):
         return next(m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -15,11 +15,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from cluster.local import free_port
+from hilum.cluster.local import free_port
+from hilum.trainer.objectives import ObjectiveInputs
+from hilum.trainer.objectives.imitate import ImitateConfig, ImitateObjective
 from tests.conftest import tiny_config, train_shipped_config
 from tests.test_cicl import _cicl_transcribed
-from trainer.objectives import ObjectiveInputs
-from trainer.objectives.imitate import ImitateConfig, ImitateObjective
 
 
 def _six_terms_transcribed(x, log_scale, lam, correlation):
@@ -74,7 +74,7 @@ def test_imitate_names_what_the_model_did_not_give():
 def test_aggregation_block_over_cnn_and_vit_levels(name, kwargs, levels, channels):
     import timm
 
-    from trainer.models.hierarchy import HierarchicalAggregator, tower_levels
+    from hilum.trainer.models.hierarchy import HierarchicalAggregator, tower_levels
 
     tower = timm.create_model(name, num_classes=0, in_chans=1, **kwargs).eval()
     block = HierarchicalAggregator(tower, levels, grid=4, dim=16, heads=2, depth=1, drop_shallowest=0.85, drop_others=0.9)
@@ -108,7 +108,7 @@ def _sample(key, findings, impression):
 
 
 def test_findings_are_read_apart_and_a_missing_section_is_counted():
-    from trainer.data.stream import FINDINGS_FILLED, FINDINGS_TEXT, Preprocess
+    from hilum.trainer.data.stream import FINDINGS_FILLED, FINDINGS_TEXT, Preprocess
 
     pre = Preprocess(32, 1, "impression", False, findings=True)
     gen = torch.Generator().manual_seed(0)
@@ -120,9 +120,9 @@ def test_findings_are_read_apart_and_a_missing_section_is_counted():
 
 def test_stream_tokenizes_findings_and_counts_fills(phantom_dir, tmp_path):
     """A shard with one report lacking FINDINGS: every sample is used, the fill is counted."""
-    from trainer.data.shards import Manifest, ShardSpec
-    from trainer.data.stream import Preprocess, ShardStream, StreamSpec
-    from trainer.data.text import Tokenize
+    from hilum.trainer.data.shards import Manifest, ShardSpec
+    from hilum.trainer.data.stream import Preprocess, ShardStream, StreamSpec
+    from hilum.trainer.data.text import Tokenize
 
     samples = [_sample(f"s{i}", "" if i == 2 else f"finding {i} here", f"impression {i}") for i in range(4)]
     shard = tmp_path / "train-000000.tar"
@@ -142,8 +142,7 @@ def test_stream_tokenizes_findings_and_counts_fills(phantom_dir, tmp_path):
 
 
 def _imitate_config(phantom_dir, run_root, stage, gradcache, freeze):
-    from launch.config import build_config
-
+    from hilum.launch.config import build_config
     from tests.test_gradcache import CHUNK
 
     raw = tiny_config(phantom_dir, run_root, train={"zero_stage": stage}, monitoring={"enabled": False},
@@ -159,12 +158,10 @@ def _imitate_config(phantom_dir, run_root, stage, gradcache, freeze):
 def _imitate_rank(rank, port, phantom_dir, run_root, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-    from tests.test_gradcache import PER_RANK, _batch, _grads, _rel_err
-    from trainer.distributed import gather_with_grad
-    from trainer.gradcache import chunk_slices, gradcache_backward, objective_extras
-    from trainer.loop import build_worker, weighted_objective
-
-    from tests.test_gradcache import CHUNK
+    from hilum.trainer.distributed import gather_with_grad
+    from hilum.trainer.gradcache import chunk_slices, gradcache_backward, objective_extras
+    from hilum.trainer.loop import build_worker, weighted_objective
+    from tests.test_gradcache import CHUNK, PER_RANK, _batch, _grads, _rel_err
 
     results = {}
     for stage, freeze in ((2, True), (3, False)):

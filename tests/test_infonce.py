@@ -13,13 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import (
-    DenseTargets,
-    LabelSimilarityTargets,
-    ReportCorrelationTargets,
-    infonce_loss,
-    infonce_loss_reference,
-)
+from hilum.kernels.infonce import infonce_loss, infonce_loss_reference
+from hilum.kernels.targets import DenseTargets, LabelSimilarityTargets, ReportCorrelationTargets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -7,20 +7,21 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from launch.jobs import JobRecord, job_state
-from tests.conftest import HILUM, ROOT, tiny_config, write_config
-from trainer.checkpoint import latest_complete
+from hilum.launch.jobs import JobRecord, job_state
+from hilum.trainer.checkpoint import latest_complete
+from tests.conftest import HILUM, OUTSIDE, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
 
 def hilum(*args: str, ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*HILUM, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run([*HILUM, *args], capture_output=True, text=True, timeout=timeout, cwd=OUTSIDE)
     if ok:
         assert proc.returncode == 0, f"hilum {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -88,9 +89,23 @@ def test_launch_survives_a_dead_driver_and_stops_and_resumes(phantom_dir, tmp_pa
     assert f"workers started 3 times; the last start continued after step {stopped_at}" in hilum("status", str(run_dir)).stdout
 
 
-def test_launch_submits_a_ray_job_to_a_cluster(phantom_dir, tmp_path, monkeypatch):
-    import sys
+def test_a_ray_job_ships_the_submitters_packages_under_the_hilum_name(tmp_path):
+    """Ray makes each ``py_modules`` folder importable by its own name: the staged ``hilum`` folder
+    must then win over the cluster's installed copy (here: the editable install)."""
+    from hilum.launch.jobs import PACKAGES, stage_packages
 
+    staged = stage_packages(tmp_path)
+    assert staged.name == "hilum" and sorted(p.name for p in staged.iterdir()) == sorted(PACKAGES)
+    assert not list(staged.rglob("__pycache__"))
+    code = "import hilum.launch.cli as m, hilum.trainer.data.entities as e; print(m.__file__); print(e.KNOWLEDGE_FILE.is_file())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=OUTSIDE,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    where, knowledge = out.stdout.split()
+    assert Path(where).is_relative_to(staged) and knowledge == "True"
+
+
+def test_launch_submits_a_ray_job_to_a_cluster(phantom_dir, tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
     # A Ray job's entrypoint runs `python` from the head node's PATH: here, this environment's.

@@ -13,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from cluster.local import free_port
-from tests.conftest import HILUM, ROOT
-from trainer.data.entities import Entity, extract_entities
-from trainer.data.llm_entities import DEFAULT_PROMPT, LLMExtractor, UnparsedReply, parse_entities
+from hilum.cluster.local import free_port
+from hilum.trainer.data.entities import Entity, extract_entities
+from hilum.trainer.data.llm_entities import DEFAULT_PROMPT, LLMExtractor, UnparsedReply, parse_entities
+from tests.conftest import HILUM, OUTSIDE
 
 
 class ChatServer:
@@ -128,7 +128,7 @@ def test_shards_build_with_llm_entities_counts_unparsed_replies(chat, tmp_path):
     cmd = [*HILUM, "shards", "build", "--csv", str(tmp_path / "data.csv"), "--out", str(out), "--workers", "1",
            "--unsectioned", "findings", "--entities", "llm", "--llm-url", chat.url, "--llm-model", "tiny-model",
            "--llm-cache", str(tmp_path / "cache")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=OUTSIDE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "entities_unparsed 1" in proc.stdout, proc.stdout
     import webdataset as wds
@@ -139,5 +139,5 @@ def test_shards_build_with_llm_entities_counts_unparsed_replies(chat, tmp_path):
     assert by_report[REPORTS[0]] == [e.to_dict() for e in extract_entities(REPORTS[0])]
     assert Counter(e is None for e in by_report.values()) == Counter({False: 3, True: 1})  # the unparsed one has none
     bad = subprocess.run([*HILUM, "shards", "build", "--csv", str(tmp_path / "data.csv"), "--out", str(out),
-                          "--entities", "llm", "--llm-url", chat.url], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          "--entities", "llm", "--llm-url", chat.url], capture_output=True, text=True, timeout=120, cwd=OUTSIDE)
     assert bad.returncode != 0 and "--llm-model" in bad.stderr

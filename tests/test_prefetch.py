@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from trainer.data.prefetch import Prefetcher
+from hilum.trainer.data.prefetch import Prefetcher
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

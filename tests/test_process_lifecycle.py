@@ -9,12 +9,12 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import ROOT
+from tests.conftest import OUTSIDE
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT)
+                         cwd=OUTSIDE)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -25,7 +25,7 @@ def test_exit_freezes_after_every_other_handler_and_loses_no_buffered_write(tmp_
         import atexit, gc, sys
         # Registered first, so it runs last: it sees what the freeze left.
         atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, flush=True))
-        from cluster.quick_exit import freeze_at_exit
+        from hilum.cluster.quick_exit import freeze_at_exit
         freeze_at_exit()
         freeze_at_exit()  # a second call registers nothing more
         atexit.register(lambda: print("later handler ran, frozen yet:", gc.get_freeze_count() > 0, flush=True))
@@ -43,7 +43,7 @@ def test_every_hilum_command_ends_with_the_freeze(tmp_path):
     out = run_python(f"""
         import atexit, gc
         atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0))
-        from launch.cli import main
+        from hilum.launch.cli import main
         try:
             main(["status", {str(tmp_path / "no-run")!r}])
         except (SystemExit, FileNotFoundError, ValueError):
@@ -53,7 +53,7 @@ def test_every_hilum_command_ends_with_the_freeze(tmp_path):
 
 
 def test_deepspeed_builds_with_the_interpreters_ninja(tmp_path, monkeypatch):
-    from trainer import engine
+    from hilum.trainer import engine
 
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)
@@ -69,8 +69,8 @@ def test_deepspeed_builds_with_the_interpreters_ninja(tmp_path, monkeypatch):
 
 
 def test_a_run_without_an_address_joins_ray_address_or_starts_its_own(monkeypatch):
-    from cluster.ray_runner import ray_address
-    from launch.config import build_config
+    from hilum.cluster.ray_runner import ray_address
+    from hilum.launch.config import build_config
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ray_address(build_config({})) is None  # embedded: ray.init(address="local")
@@ -84,7 +84,7 @@ def test_commands_that_read_a_run_do_not_import_torchvision():
     torchvision, paid by every status poll."""
     out = run_python("""
         import sys
-        import launch.cli, trainer.checkpoint
+        import hilum.launch.cli, hilum.trainer.checkpoint
         print("torchvision" in sys.modules)
     """)
     assert out.stdout.split() == ["False"]

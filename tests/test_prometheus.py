@@ -14,9 +14,9 @@ import urllib.request
 
 import pytest
 
-from cluster.local import free_port
-from monitoring.status import parse_metrics
-from tests.conftest import HILUM, ROOT, tiny_config, write_config
+from hilum.cluster.local import free_port
+from hilum.monitoring.status import parse_metrics
+from tests.conftest import HILUM, OUTSIDE, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def query(url: str, promql: str) -> list[dict]:
 
 
 def cfg_batch(path) -> int:
-    from launch.config import load_config
+    from hilum.launch.config import load_config
 
     return load_config(path).data.batch_size
 
@@ -82,7 +82,7 @@ def test_prometheus_scrapes_a_two_worker_run(prometheus, phantom_dir):
     cfg = write_config(runs.parent / "c.yaml", raw)
     log = runs.parent / "train.log"  # a file, not a pipe: nobody reads a pipe while we poll
     with open(log, "w") as out:
-        proc = subprocess.Popen([*HILUM, "train", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen([*HILUM, "train", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT, cwd=OUTSIDE)
     # Prometheus discovers both ranks through file_sd and scrapes them while the run lives.
     rate: list[dict] = []
     while proc.poll() is None and len(rate) < 2:
@@ -120,7 +120,7 @@ def test_prometheus_scrapes_a_two_worker_run(prometheus, phantom_dir):
         assert f'rank="{rank}"' in text and 'run="t"' in text
 
     # The terminal view of the finished run.
-    status = subprocess.run([*HILUM, "status", str(run_dir)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+    status = subprocess.run([*HILUM, "status", str(run_dir)], capture_output=True, text=True, timeout=120, cwd=OUTSIDE,
                             env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert status.returncode == 0, status.stderr[-2000:]
     assert "finished or stopped" in status.stdout and f"step {STEPS}" in status.stdout and "0 (ended)" in status.stdout

@@ -10,7 +10,7 @@ from contextlib import closing
 
 import pytest
 
-from trainer.data.read_ahead import ShardReadAhead
+from hilum.trainer.data.read_ahead import ShardReadAhead
 
 
 class CountingFile(io.BytesIO):

@@ -24,8 +24,8 @@ def _hilum_args(command: str) -> list[str]:
 
 def _check_hilum_command(command: str) -> None:
     """The command parses with hilum's own CLI and its --set overrides name real config fields."""
-    from launch.cli import _shortcuts, build_parser
-    from launch.config import build_config
+    from hilum.launch.cli import _shortcuts, build_parser
+    from hilum.launch.config import build_config
 
     args = build_parser().parse_args(_hilum_args(command))
     build_config({}, _shortcuts(args))
@@ -87,10 +87,13 @@ def test_dockerfile_builds_on_cuda_installs_every_package_and_prebuilds_deepspee
     assert "8.0" in args["TORCH_ARCH"] and "9.0" in args["TORCH_ARCH"]  # A100 and H100
     copied = {src for word, rest in steps if word == "COPY" and not rest.startswith("--from") for src in rest.split()[:-1]}
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
-    assert packages <= copied, packages - copied
-    assert {"pyproject.toml", "README.md"} <= copied
+    folders = set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    assert folders <= copied, folders - copied
+    assert {"pyproject.toml", "README.md", "requirements.lock"} <= copied
     runs = " ".join(rest for word, rest in steps if word == "RUN")
+    # the locked set, then hilum without a resolution of its own, and DeepSpeed at the lock's version
+    assert "-r requirements.lock" in runs and "--no-deps --no-build-isolation ." in runs
+    assert "^deepspeed==' requirements.lock" in runs
     assert "DS_BUILD_FUSED_ADAM=1" in runs and "TORCH_CUDA_ARCH_LIST" in runs
     env = " ".join(rest for word, rest in steps if word == "ENV")
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in env and "NCCL_SOCKET_IFNAME" in env
@@ -99,7 +102,7 @@ def test_dockerfile_builds_on_cuda_installs_every_package_and_prebuilds_deepspee
     assert "9400" in exposed and "10001" in exposed
     cmd = json.loads(next(rest for word, rest in steps if word == "CMD"))
     for command in cmd[-1].split("&&"):
-        from launch.cli import build_parser
+        from hilum.launch.cli import build_parser
 
         build_parser().parse_args(_hilum_args(command.strip()))
     ignored = (ROOT / ".dockerignore").read_text().split()

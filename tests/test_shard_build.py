@@ -19,11 +19,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tests.conftest import HILUM, ROOT, tiny_config, write_config
-from trainer.data.phantom_dataset import write_mimic_layout
-from trainer.data.reports import count_words, extract_sections
-from trainer.data.shard_build import BUILD_DIR, ImageOptions, build, encode_image, verify
-from trainer.data.sources import Filters, csv_records, mimic_records
+from hilum.trainer.data.phantom_dataset import write_mimic_layout
+from hilum.trainer.data.reports import count_words, extract_sections
+from hilum.trainer.data.shard_build import BUILD_DIR, ImageOptions, build, encode_image, verify
+from hilum.trainer.data.sources import Filters, csv_records, mimic_records
+from tests.conftest import HILUM, OUTSIDE, tiny_config, write_config
 
 BANNER = "                                 FINAL REPORT\n"
 
@@ -291,14 +291,14 @@ def test_cli_builds_into_s3_verifies_and_trains_from_it(mimic, s3_server, phanto
     endpoint = ["--endpoint-url", s3_server["endpoint_url"]]
     build_cmd = [*HILUM, "shards", "build", "--mimic", str(root), "--out", "s3://hilum-build/mimic", "--resize", "64",
                  "--samples-per-shard", "10", "--workers", "2", *endpoint]
-    proc = subprocess.run(build_cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    proc = subprocess.run(build_cmd, capture_output=True, text=True, timeout=300, cwd=OUTSIDE, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train:" in proc.stdout and "bad_image 1" in proc.stdout and "view" in proc.stdout
     assert "testing" not in proc.stdout + proc.stderr
-    again = subprocess.run(build_cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    again = subprocess.run(build_cmd, capture_output=True, text=True, timeout=300, cwd=OUTSIDE, env=env)
     assert again.returncode == 0 and "0 shards written" in again.stdout
     verify_cmd = [*HILUM, "shards", "verify", "s3://hilum-build/mimic/train.json", "--workers", "1", *endpoint]
-    proc = subprocess.run(verify_cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    proc = subprocess.run(verify_cmd, capture_output=True, text=True, timeout=300, cwd=OUTSIDE, env=env)
     assert proc.returncode == 0 and ": OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     fs = fsspec.filesystem("s3", **s3_server)
     with fs.open("s3://hilum-build/mimic/train-000000.tar", "rb") as f:
@@ -311,7 +311,7 @@ def test_cli_builds_into_s3_verifies_and_trains_from_it(mimic, s3_server, phanto
     raw["data"].update(train_manifest="s3://hilum-build/mimic/train.json", eval_manifest="s3://hilum-build/mimic/test.json",
                        storage_options={"endpoint_url": s3_server["endpoint_url"]})
     cfg = write_config(tmp_path / "s3.yaml", raw)
-    proc = subprocess.run([*HILUM, "train", "--config", str(cfg)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    proc = subprocess.run([*HILUM, "train", "--config", str(cfg)], capture_output=True, text=True, timeout=600, cwd=OUTSIDE, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ev = json.loads((tmp_path / "runs" / "t" / "eval.json").read_text())
     test_samples = json.loads(fs.cat("s3://hilum-build/mimic/test.json"))["build"]["samples"]

@@ -7,11 +7,11 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
+from hilum.trainer.data.shards import load_manifest, write_shards
+from hilum.trainer.data.storage import open_with_retry, redact_url
+from hilum.trainer.data.stream import ShardStream, StreamSpec, make_loader
 from tests.conftest import simple_samples
 from tests.test_stream import PRE, FakeTokenize, keys_of
-from trainer.data.shards import load_manifest, write_shards
-from trainer.data.storage import open_with_retry, redact_url
-from trainer.data.stream import ShardStream, StreamSpec, make_loader
 
 
 def test_redact_url_drops_credentials_and_signatures():
@@ -113,7 +113,7 @@ def test_a_connection_dropped_mid_shard_is_resumed_at_the_same_byte(flaky, caplo
 def patch_backoff():
     from unittest import mock
 
-    return mock.patch("trainer.data.storage.time.sleep")
+    return mock.patch("hilum.trainer.data.storage.time.sleep")
 
 
 @pytest.mark.parametrize("read_ahead", [0, 1 << 20], ids=["direct", "read-ahead"])
@@ -139,8 +139,8 @@ def test_shards_round_trip_through_s3(s3_server, caplog, read_ahead):
 
 
 def test_credentials_in_a_config_are_environment_references_resolved_where_used(s3_server, monkeypatch):
-    from launch.config import ConfigError, build_config
-    from trainer.data.storage import resolve_env_refs
+    from hilum.launch.config import ConfigError, build_config
+    from hilum.trainer.data.storage import resolve_env_refs
 
     with pytest.raises(ConfigError, match=r"data.storage_options.*\(key, client_kwargs.aws_session_token\)"):
         build_config({"data": {"storage_options": {"key": "AKIA123", "client_kwargs": {"aws_session_token": "t"}}}})

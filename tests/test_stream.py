@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import simple_samples
-from trainer.data.shards import Manifest, ShardSpec, load_manifest, write_shards
-from trainer.data.stream import (
+from hilum.trainer.data.shards import Manifest, ShardSpec, load_manifest, write_shards
+from hilum.trainer.data.stream import (
     Preprocess,
     ShardStream,
     StreamPosition,
@@ -24,6 +23,7 @@ from trainer.data.stream import (
     resume_position,
     short_batches_warning,
 )
+from tests.conftest import simple_samples
 
 
 class FakeTokenize:
@@ -285,7 +285,7 @@ def test_impossible_split_is_refused_up_front(shards):
 def test_endless_stream_crosses_epochs_in_order_after_resume(shards):
     import itertools
 
-    from trainer.loop import advance
+    from hilum.trainer.loop import advance
 
     m = load_manifest(str(shards))
     spec = StreamSpec(batch_size=6, world_size=2, num_workers=2, seed=5, shuffle_buffer=8)

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from trainer.data.tar_samples import _number, tar_samples
+from hilum.trainer.data.tar_samples import _number, tar_samples
 
 
 def webdataset_samples(data: bytes, url: str = "mem://shard.tar") -> list[dict]:

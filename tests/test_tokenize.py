@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from trainer.data.text import Tokenize, worker_tokenizer_threads
+from hilum.trainer.data.text import Tokenize, worker_tokenizer_threads
 
 REPORTS = ["mild right lower lung opacity.", "no acute cardiopulmonary process. " * 20, "", "Small LEFT effusion."] * 8
 

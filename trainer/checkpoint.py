@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.data.storage import PERMANENT, redact_url, url_to_fs, with_retry
-from trainer.data.stream import StreamPosition
+from hilum.trainer.data.storage import PERMANENT, redact_url, url_to_fs, with_retry
+from hilum.trainer.data.stream import StreamPosition
 
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -162,13 +162,13 @@ class CheckpointStore:
 
 
 def store_for(cfg: Any) -> CheckpointStore:
-    """The checkpoint store of a run config (``launch.config.HilumConfig``)."""
+    """The checkpoint store of a run config (``hilum.launch.config.HilumConfig``)."""
     return CheckpointStore(cfg.checkpoint_url, cfg.run.storage_options)
 
 
 def store_of_run(run_dir: Path) -> CheckpointStore:
     """The checkpoint store of the run in ``run_dir`` (its saved config names it)."""
-    from launch.config import load_run_config
+    from hilum.launch.config import load_run_config
 
     return store_for(load_run_config(run_dir))
 

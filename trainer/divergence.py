@@ -8,7 +8,7 @@ the only communication the update needs), clamped to [0, 1] so that a negative c
 training cannot extrapolate the parameters. v is the encoder's feature of the clean view, v_aug
 the divergence encoder's feature of the randomly transformed view (x_rt), t and t_aug the two
 text encoders' features of the same report. The update itself is
-:class:`trainer.moving_average.MovingAverage`: in place, on each rank's own ZeRO partition.
+:class:`hilum.trainer.moving_average.MovingAverage`: in place, on each rank's own ZeRO partition.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.moving_average import MovingAverage
+from hilum.trainer.moving_average import MovingAverage
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

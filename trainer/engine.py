@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from trainer.gradcache import num_chunks
+from hilum.monitoring.console import printed_to_log
+from hilum.trainer.gradcache import num_chunks
 
 log = logging.getLogger("hilum")
 
 if TYPE_CHECKING:  # the schema belongs to launch/, which trainer/ never imports at run time
-    from launch.config import HilumConfig
+    from hilum.launch.config import HilumConfig
 
 
 def device_type(requested: str) -> str:
@@ -167,7 +168,8 @@ def build_engine(model: nn.Module, cfg: "HilumConfig", world_size: int, device: 
     import deepspeed
 
     backend = dist_backend(device.type)
-    deepspeed.init_distributed(dist_backend=backend)
+    with printed_to_log(log):
+        deepspeed.init_distributed(dist_backend=backend)
     config = deepspeed_config(cfg, world_size, dtype)
     config["zero_optimization"].update(bucket_sizes(model))
     if backend == "gloo" and cfg.train.zero_stage == 3:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trainer.data.shards import Manifest
-from trainer.data.stream import Preprocess, ShardStream, StreamSpec, make_loader
+from hilum.trainer.data.shards import Manifest
+from hilum.trainer.data.stream import Preprocess, ShardStream, StreamSpec, make_loader
 
 
 @torch.no_grad()

@@ -32,10 +32,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from trainer.distributed import gather_with_grad
-from trainer.objectives import ObjectiveInputs
-from trainer.side_stream import hand_over, run_on
-from trainer.timing import NO_TIMER, PhaseTimer
+from hilum.trainer.distributed import gather_with_grad
+from hilum.trainer.objectives import ObjectiveInputs
+from hilum.trainer.side_stream import hand_over, run_on
+from hilum.trainer.timing import NO_TIMER, PhaseTimer
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.data.entities import CATEGORIES, canonical_category, load_knowledge, structured_label
+from hilum.trainer.data.entities import CATEGORIES, canonical_category, load_knowledge, structured_label
 
 NO_FINDING = "no finding"
 LABEL_TEXTS, LABELS_CUT = "_labels", "_labels_cut"  # where a sample's meta holds its label texts, and how many were cut
@@ -96,8 +96,8 @@ class ModelEncoder:
     """A local transformers encoder, mean-pooled: E_sim as MedFILIP uses it (frozen)."""
 
     def __init__(self, path: str, context_length: int = 128) -> None:
-        from trainer.data.text import Tokenize
-        from trainer.models.towers import TextTower
+        from hilum.trainer.data.text import Tokenize
+        from hilum.trainer.models.towers import TextTower
 
         self.tokenize = Tokenize(path, context_length)
         self.model = TextTower(path, {}, len(self.tokenize.tokenizer), "mean").eval().requires_grad_(False)

@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
 import numpy as np
 import torch
 
-from monitoring.flops import peak_tflops, training_flops_per_sample
-from monitoring.metrics import find_stragglers
-from trainer import checkpoint
-from trainer.checkpoint import TrainState
-from trainer.data.device_decode import DeviceDecoder
-from trainer.data.prefetch import Batch, Prefetcher
-from trainer.data.shards import load_manifest
-from trainer.data.storage import redact_url
-from trainer.data.stream import (
+from hilum.monitoring.console import configure_console
+from hilum.monitoring.flops import peak_tflops, training_flops_per_sample
+from hilum.monitoring.metrics import find_stragglers
+from hilum.trainer import checkpoint
+from hilum.trainer.checkpoint import TrainState
+from hilum.trainer.data.device_decode import DeviceDecoder
+from hilum.trainer.data.prefetch import Batch, Prefetcher
+from hilum.trainer.data.shards import load_manifest
+from hilum.trainer.data.storage import redact_url
+from hilum.trainer.data.stream import (
     Preprocess,
     ShardStream,
     StreamPosition,
@@ -35,18 +36,18 @@ from trainer.data.stream import (
     resume_position,
     short_batches_warning,
 )
-from trainer.data.text import Tokenize, worker_tokenizer_threads
-from trainer.distributed import WorkerInfo, all_gather_floats, all_reduce_mean, gather_with_grad, worker_info
-from trainer.divergence import DivergenceEncoders
-from trainer.engine import build_engine, deepspeed_config, pick_device, pick_dtype
-from trainer.evaluate import evaluate
-from trainer.gradcache import gradcache_backward, num_chunks, objective_extras, to_device
-from trainer.models.dual_encoder import build_model
-from trainer.objectives import ObjectiveInputs, build_objectives
-from trainer.timing import NO_TIMER, PhaseTimer
+from hilum.trainer.data.text import Tokenize, worker_tokenizer_threads
+from hilum.trainer.distributed import WorkerInfo, all_gather_floats, all_reduce_mean, gather_with_grad, worker_info
+from hilum.trainer.divergence import DivergenceEncoders
+from hilum.trainer.engine import build_engine, deepspeed_config, pick_device, pick_dtype
+from hilum.trainer.evaluate import evaluate
+from hilum.trainer.gradcache import gradcache_backward, num_chunks, objective_extras, to_device
+from hilum.trainer.models.dual_encoder import build_model
+from hilum.trainer.objectives import ObjectiveInputs, build_objectives
+from hilum.trainer.timing import NO_TIMER, PhaseTimer
 
 if TYPE_CHECKING:
-    from launch.config import HilumConfig
+    from hilum.launch.config import HilumConfig
 
 log = logging.getLogger("hilum")
 
@@ -57,11 +58,7 @@ Reporter = Callable[[dict[str, Any]], None]
 
 
 def setup_logging(info: WorkerInfo) -> None:
-    level = logging.INFO if info.is_main else logging.WARNING
-    fmt = f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_console(f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s", show_info=info.is_main)
 
 
 def seed_everything(seed: int) -> None:
@@ -150,7 +147,7 @@ def build_worker(cfg: "HilumConfig") -> Worker:
         decoder = DeviceDecoder(train_pre.augment_spec, d.in_chans, device, dtype, to_host=cfg.gradcache.enabled)
     metrics = None
     if cfg.monitoring.enabled:
-        from monitoring import WorkerMetrics
+        from hilum.monitoring.metrics import WorkerMetrics
 
         metrics = WorkerMetrics(cfg.run.name, info.rank, info.node)
         url = metrics.serve(cfg.monitoring.metrics_host, cfg.monitoring.metrics_port, info.local_rank)
@@ -271,7 +268,7 @@ def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
         return None
     prompts = cfg.eval.zero_shot.prompts
     if prompts is None:
-        from trainer.data.phantom import ZERO_SHOT_PROMPTS
+        from hilum.trainer.data.phantom import ZERO_SHOT_PROMPTS
 
         prompts = ZERO_SHOT_PROMPTS
         for objective in w.objectives.values():  # a term with its own template (MedFILIP's Eq. 10)
@@ -349,7 +346,7 @@ class Progress:
         what = "finished" if finished else "so far"
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.epoch_skipped.items())) or "none"
         total = sum(self.epoch_skipped.values())
-        (log.warning if total else log.info)("rank %d, epoch %d (%s): %d samples skipped: %s",
+        (log.warning if total else log.debug)("rank %d, epoch %d (%s): %d samples skipped: %s",
                                              self.w.info.rank, epoch, what, total, reasons)
         for reason, n in sorted(self.epoch_filled.items()):
             if n:

@@ -1,8 +1,8 @@
 """Work issued on a side CUDA stream and handed to the stream that consumes it.
 
 Two places prepare device tensors ahead of the compute that uses them: the prefetch thread
-(GPU decode, batch copies; ``trainer.data.prefetch``) and GradCache's chunk copies
-(``trainer.gradcache.device_chunks``). Both need the same hand-over: the consumer's stream waits
+(GPU decode, batch copies; ``hilum.trainer.data.prefetch``) and GradCache's chunk copies
+(``hilum.trainer.gradcache.device_chunks``). Both need the same hand-over: the consumer's stream waits
 for an event rather than the host synchronising, and each tensor is marked as used by the
 consumer's stream, because the caching allocator otherwise frees a side-stream allocation as soon
 as the side stream is done with it. On CPU every function here is a plain call.

@@ -4,7 +4,7 @@
 cuBLAS needs 16-byte-aligned operands for its fast kernels; DeepSpeed's ZeRO-1/2 optimizers pack
 each parameter group into one flat buffer, so a parameter's address depends on what precedes it.
 This builds the ResNet-50 + BERT-base worker (bf16, ZeRO-2, one rank), counts the parameters off
-a 16-byte boundary (0 since ``trainer.engine.param_groups`` groups them by size; 228 of 359
+a 16-byte boundary (0 since ``hilum.trainer.engine.param_groups`` groups them by size; 228 of 359
 before, on 2026-11-26), and times BERT's 768→3072 layer over 65 536 tokens with the engine's own
 parameters against aligned copies. Needs CUDA:
 
@@ -41,12 +41,12 @@ def main() -> None:
     import torch.nn.functional as F
 
     from benchmarks.gradcache import RESNET50_BERT, overlay
-    from launch.config import build_config, parse_yaml
-    from trainer.loop import build_worker
+    from hilum.launch.config import build_config, parse_yaml
+    from hilum.trainer.loop import build_worker
 
     data = ROOT / "data" / "phantom-bench"  # small; not the demo's data/phantom, which `make demo` would reuse
     if not (data / "tokenizer").exists():
-        from trainer.data.phantom_dataset import build_phantom_dataset
+        from hilum.trainer.data.phantom_dataset import build_phantom_dataset
 
         build_phantom_dataset(str(data), n_train=256, n_test=64, size=64, seed=0, samples_per_shard=64)
     raw = overlay(parse_yaml((ROOT / "configs" / "tiny-clip.yaml").read_text()), RESNET50_BERT)

@@ -52,6 +52,9 @@ SITE=${SITE:-/tmp/hilum-site}
 KIT=${KIT:-.gpu}
 WHEELS=$(ls "$KIT"/wheels/*.whl .anchors/wheels/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $WHEELS || { echo "wheel install failed"; exit 1; }
+# hilum itself, from this working tree under its one import name: a `hilum` folder of links to the
+# top-level packages (what an editable install maps them to), so nothing is built on the device.
+mkdir -p "$SITE/hilum" && for p in trainer cluster launch kernels monitoring; do ln -sfn "$PWD/$p" "$SITE/hilum/$p"; done
 export PYTHONPATH="$SITE:$PWD" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/hilum-gpu}
 mkdir -p "$OUT"

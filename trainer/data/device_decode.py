@@ -3,9 +3,9 @@
 Why: a CPU decode pipeline cannot feed a modern GPU (DESIGN.md: 1265 samples/s from 15 PIL
 workers on a 16-core H100 node, against 3000-3700 samples/s with batched nvJPEG and 2-4 workers).
 The loader workers therefore only read shards, parse headers and draw each sample's augmentation
-(:class:`~trainer.data.stream.PendingJpeg`); this module decodes a whole batch in one
+(:class:`~hilum.trainer.data.stream.PendingJpeg`); this module decodes a whole batch in one
 ``torchvision.io.decode_jpeg`` call on the device and augments the whole batch at once with
-:func:`~trainer.data.augment.apply_params_batch` (the CPU path's crops, filter and factors in a
+:func:`~hilum.trainer.data.augment.apply_params_batch` (the CPU path's crops, filter and factors in a
 fixed number of kernels). It runs on CPU tensors as well (libjpeg-turbo), which is how the tests
 check both paths agree.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from trainer.data.augment import AugmentSpec, apply_params_batch
+from hilum.trainer.data.augment import AugmentSpec, apply_params_batch
 
 log = logging.getLogger("hilum.data")
 

@@ -1,6 +1,6 @@
 """MedFILIP's GPT-IE (§III-A): fine-grained entities from an LLM behind an OpenAI-compatible
 chat endpoint (OpenAI, vLLM, llama.cpp's server, Ollama's /v1, ...), as an alternative to the
-offline rules of ``trainer.data.entities``.
+offline rules of ``hilum.trainer.data.entities``.
 
 The prompt comes from a file (the default asks for a JSON list of {severity, location, category}
 objects, negated findings left out); the report is the user message; the reply's JSON list is
@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.data.entities import Entity
-from trainer.data.storage import redact_url
+from hilum.trainer.data.entities import Entity
+from hilum.trainer.data.storage import redact_url
 
 log = logging.getLogger("hilum.entities")
 

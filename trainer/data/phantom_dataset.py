@@ -9,10 +9,10 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from trainer.data import phantom
-from trainer.data.shards import Manifest, write_shards
-from trainer.data.stream import report_text
-from trainer.data.text import train_wordpiece
+from hilum.trainer.data import phantom
+from hilum.trainer.data.shards import Manifest, write_shards
+from hilum.trainer.data.stream import report_text
+from hilum.trainer.data.text import train_wordpiece
 
 
 def phantom_samples(n: int, seed: int, size: int, split: str) -> Iterator[dict[str, Any]]:
@@ -61,7 +61,7 @@ def build_phantom_dataset(
         manifests[split] = write_shards(tracked(), out_dir, split, samples_per_shard)
     if texts and "://" not in out_dir:
         # The knowledge dictionary's explanations too: MedFILIP's label texts quote them.
-        from trainer.data.entities import load_knowledge
+        from hilum.trainer.data.entities import load_knowledge
 
         texts += list(load_knowledge().values())
         train_wordpiece(texts, posixpath.join(out_dir, "tokenizer"), vocab_size=1000)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from trainer.side_stream import hand_over, run_on
+from hilum.trainer.side_stream import hand_over, run_on
 
 Batch = dict[str, Any]
 

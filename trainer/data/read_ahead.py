@@ -11,7 +11,7 @@ one file and webdataset reads nothing ahead, hence this module.
 The thread stays at most ``limit_bytes`` ahead of the parser, so a worker holds a bounded amount
 of memory whatever the shard size. Errors keep the meaning they have without read-ahead: a shard
 that cannot be opened raises from :meth:`ShardReadAhead.next_stream`, and a read that fails after
-:class:`~trainer.data.storage.RetryingReader`'s retries raises at the byte where it broke.
+:class:`~hilum.trainer.data.storage.RetryingReader`'s retries raises at the byte where it broke.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Building and verifying WebDataset shards from :mod:`trainer.data.sources` records.
+"""Building and verifying WebDataset shards from :mod:`hilum.trainer.data.sources` records.
 
 A build is a plan of shard tasks that depends only on the records and the options: each split's
 records in a seeded order, cut into shards of ``samples_per_shard``. Each task reads its images,
@@ -28,10 +28,10 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from trainer.data.shards import SHARD_MTIME, Manifest, ShardSpec, load_manifest
-from trainer.data.sources import Record, split_records
-from trainer.data.storage import open_with_retry, redact_url, url_to_fs
-from trainer.data.tar_samples import tar_samples
+from hilum.trainer.data.shards import SHARD_MTIME, Manifest, ShardSpec, load_manifest
+from hilum.trainer.data.sources import Record, split_records
+from hilum.trainer.data.storage import open_with_retry, redact_url, url_to_fs
+from hilum.trainer.data.tar_samples import tar_samples
 
 log = logging.getLogger("hilum.data")
 

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import webdataset as wds
 
-from trainer.data.storage import open_with_retry, redact_url, url_to_fs
+from hilum.trainer.data.storage import open_with_retry, redact_url, url_to_fs
 
 # Every member's mtime in the shards hilum writes. Fixed, so that the same samples give
 # byte-identical tars; and an integer, because webdataset's TarWriter otherwise stamps

@@ -18,6 +18,7 @@ The generic layout is one CSV with a header row; see :func:`csv_records` for its
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 import logging
@@ -25,16 +26,15 @@ import posixpath
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import fsspec
 
-from trainer.data.entities import extract_entities
-from trainer.data.llm_entities import LLMExtractor
-from trainer.data.reports import Sections, count_words, extract_sections
-from trainer.data.storage import open_with_retry, redact_url, url_to_fs
+from hilum.trainer.data.entities import extract_entities
+from hilum.trainer.data.llm_entities import LLMExtractor
+from hilum.trainer.data.reports import Sections, count_words, extract_sections
+from hilum.trainer.data.storage import open_with_retry, redact_url, url_to_fs
 
 log = logging.getLogger("hilum.data")
 
@@ -76,7 +76,7 @@ class Filters:
     views: tuple[str, ...] = FRONTAL_VIEWS
     min_words: int = 3
     unsectioned: str = "skip"
-    entities: str = "rules"  # "rules": trainer.data.entities' offline extractor; "llm": ``llm``; "none": no entities
+    entities: str = "rules"  # "rules": hilum.trainer.data.entities' offline extractor; "llm": ``llm``; "none": no entities
     llm: LLMExtractor | None = None
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 Why not webdataset's own pipeline end to end: its node/worker splitters work per shard (so ranks
 see unequal sample counts and distributed steps fall out of step), it has no notion of a
 position to resume from, and it opens no ``s3://`` URL. We keep webdataset's shard format and
-its way of grouping tar members into samples (read by :mod:`trainer.data.tar_samples`, which
+its way of grouping tar members into samples (read by :mod:`hilum.trainer.data.tar_samples`, which
 does what webdataset's tar iteration does at a fraction of its cost) and plan the epoch ourselves:
 
 * The epoch's global sample order is the shards in a (seed, epoch)-seeded permutation.
@@ -40,12 +40,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.data.augment import AugmentParams, AugmentSpec, apply_params, draw_params
-from trainer.data.read_ahead import ShardReadAhead
-from trainer.data.shards import Manifest, ShardSpec
-from trainer.data.storage import RetryingReader, redact_url
-from trainer.data.tar_samples import tar_samples
-from trainer.labels import LABEL_TEXTS, LABELS_CUT, LabelSpec, image_labels
+from hilum.trainer.data.augment import AugmentParams, AugmentSpec, apply_params, draw_params
+from hilum.trainer.data.read_ahead import ShardReadAhead
+from hilum.trainer.data.shards import Manifest, ShardSpec
+from hilum.trainer.data.storage import RetryingReader, redact_url
+from hilum.trainer.data.tar_samples import tar_samples
+from hilum.trainer.labels import LABEL_TEXTS, LABELS_CUT, LabelSpec, image_labels
 
 log = logging.getLogger("hilum.data")
 
@@ -192,7 +192,7 @@ def iter_raw_samples(
     after its retries (``truncated_shard``) loses its remaining samples of the range; they are
     reported to ``on_error`` with their number, and reading goes on with the next shard. With
     ``read_ahead_bytes`` > 0 a background thread fetches up to that many bytes ahead of the parser
-    (:mod:`trainer.data.read_ahead`). A range that starts mid-shard starts reading at its first
+    (:mod:`hilum.trainer.data.read_ahead`). A range that starts mid-shard starts reading at its first
     sample's byte when the manifest records offsets.
     """
     plan: list[_ShardRange] = []  # each shard the range touches, in stream order
@@ -425,7 +425,7 @@ def collate_images(images: list[torch.Tensor | PendingJpeg], in_chans: int, size
     With pending JPEGs there is no ``image`` yet, only ``jpeg``: the batch size, the pending rows
     with their bytes (concatenated, with each file's length) and parameters, and the rows decoded
     here (``decoded_rows``; ``decoded``: (n, views, C, S, S) or None) —
-    :class:`~trainer.data.device_decode.DeviceDecoder` assembles the batch on the device. Only
+    :class:`~hilum.trainer.data.device_decode.DeviceDecoder` assembles the batch on the device. Only
     bytes cross to the main process: a placeholder image tensor would cost a 12 MB copy per 64
     images through shared memory, pinning and the bus, all for zeros."""
     pending = [(i, x) for i, x in enumerate(images) if isinstance(x, PendingJpeg)]

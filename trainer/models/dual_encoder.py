@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.hierarchy import HierarchicalAggregator, tower_levels
-from trainer.models.towers import TextTower, build_image_tower
+from hilum.trainer.models.hierarchy import HierarchicalAggregator, tower_levels
+from hilum.trainer.models.towers import TextTower, build_image_tower
 
 
 class Embeddings(NamedTuple):
@@ -60,7 +60,7 @@ class DualEncoder(nn.Module):
 
     def add_divergence_encoders(self) -> None:
         """Copies of each tower with its projection, trained by no optimizer: a moving average of
-        the encoders (``trainer.divergence``). Added before the engine is built, so ZeRO-3
+        the encoders (``hilum.trainer.divergence``). Added before the engine is built, so ZeRO-3
         partitions them like any other parameter."""
         self.divergence_image = nn.ModuleDict({"tower": copy.deepcopy(self.image_tower), "proj": copy.deepcopy(self.image_proj)})
         self.divergence_text = nn.ModuleDict({"tower": copy.deepcopy(self.text_tower), "proj": copy.deepcopy(self.text_proj)})
@@ -89,7 +89,7 @@ class DualEncoder(nn.Module):
     def has_hierarchy(self) -> bool:
         return hasattr(self, "hierarchy")
 
-    def add_hierarchy(self, cfg) -> None:  # noqa: ANN001 - launch.config.MultiLevelSection
+    def add_hierarchy(self, cfg) -> None:  # noqa: ANN001 - hilum.launch.config.MultiLevelSection
         """The aggregation block P(·) over the image tower's levels and its projection (z_v,m)."""
         self.hierarchy = HierarchicalAggregator(self.image_tower, cfg.levels, cfg.grid, cfg.dim, cfg.heads, cfg.depth,
                                                 cfg.drop_shallowest, cfg.drop_others)

@@ -5,7 +5,13 @@ registers itself with :func:`register_objective`; the config schema collects eve
 config class into a discriminated union on ``name``, so adding a term touches only its module.
 """
 
-from trainer.objectives.base import (
+# Importing a term module registers it.
+from hilum.trainer.objectives import cicl as _cicl  # noqa: E402,F401
+from hilum.trainer.objectives import clip as _clip  # noqa: E402,F401
+from hilum.trainer.objectives import divergence as _divergence  # noqa: E402,F401
+from hilum.trainer.objectives import imitate as _imitate  # noqa: E402,F401
+from hilum.trainer.objectives import medfilip as _medfilip  # noqa: E402,F401
+from hilum.trainer.objectives.base import (
     Objective,
     ObjectiveInputs,
     TermConfig,
@@ -14,13 +20,6 @@ from trainer.objectives.base import (
     objective_config_types,
     register_objective,
 )
-
-# Importing a term module registers it.
-from trainer.objectives import cicl as _cicl  # noqa: E402,F401
-from trainer.objectives import clip as _clip  # noqa: E402,F401
-from trainer.objectives import divergence as _divergence  # noqa: E402,F401
-from trainer.objectives import imitate as _imitate  # noqa: E402,F401
-from trainer.objectives import medfilip as _medfilip  # noqa: E402,F401
 
 __all__ = [
     "Objective",

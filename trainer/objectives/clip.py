@@ -7,8 +7,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kernels import infonce_loss, infonce_loss_distributed
-from trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
+from hilum.kernels.infonce import infonce_loss
+from hilum.kernels.infonce_distributed import infonce_loss_distributed
+from hilum.trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
 
 
 class ClipConfig(TermConfig):

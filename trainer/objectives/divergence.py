@@ -12,7 +12,7 @@ What "augmented" means here: v_aug is the image divergence encoder on a second, 
 augmented view of the image (random resized crop and intensity, as the first view; no flip),
 t_aug is the text divergence encoder on the same report — MLIP augments text only through the
 encoder, not by editing it. Neither carries a gradient; the encoders learn only through v and t.
-The divergence encoders themselves follow the encoders by Eq. 7 (``trainer.divergence``).
+The divergence encoders themselves follow the encoders by Eq. 7 (``hilum.trainer.divergence``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kernels import infonce_loss, infonce_loss_distributed
-from trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
+from hilum.kernels.infonce import infonce_loss
+from hilum.kernels.infonce_distributed import infonce_loss_distributed
+from hilum.trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
 
 
 class DivergenceConfig(TermConfig):

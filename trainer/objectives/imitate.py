@@ -2,7 +2,7 @@
 
 Each image is seen in two augmented views; the image tower gives a high-level feature z_v,h (its
 pooled output) and a multi-level feature z_v,m (its stages aggregated by self-attention,
-``trainer.models.hierarchy``) for each view; the text tower — frozen by default in IMITATE —
+``hilum.trainer.models.hierarchy``) for each view; the text tower — frozen by default in IMITATE —
 encodes the IMPRESSION (z_t,I, the run's main text) and the FINDINGS (z_t,F) separately. The loss
 is the paper's six clinical-informed contrastive terms (§III-E):
 
@@ -35,8 +35,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from trainer.objectives.base import Objective, ObjectiveInputs, register_objective
-from trainer.objectives.cicl import CorrelationTargetsConfig
+from hilum.trainer.objectives.base import Objective, ObjectiveInputs, register_objective
+from hilum.trainer.objectives.cicl import CorrelationTargetsConfig
 
 
 class ImitateConfig(CorrelationTargetsConfig):

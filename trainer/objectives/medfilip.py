@@ -2,7 +2,7 @@
 
 Each image carries c_i structured labels — "{severity} {location} {category}, where {category}
 is {explanation}", from the report's fine-grained entities and the knowledge dictionary
-(``trainer.labels``) — and the text side of the batch is the M = Σ c_i label texts of the global
+(``hilum.trainer.labels``) — and the text side of the batch is the M = Σ c_i label texts of the global
 batch, encoded by the text tower. The label matrix is the semantic similarity matrix (Eq. 4–5):
 
     s_ij = max over image i's labels l_t of cos(E_sim(l_t), E_sim(l_j))
@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kernels import LabelSimilarityTargets, infonce_loss
-from trainer.data.entities import canonical_category, structured_label
-from trainer.labels import LABEL_TEXTS, BagOfWordsEncoder, LabelSpec, LabelVocabulary, ModelEncoder
-from trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
+from hilum.kernels.infonce import infonce_loss
+from hilum.kernels.targets import LabelSimilarityTargets
+from hilum.trainer.data.entities import canonical_category, structured_label
+from hilum.trainer.labels import LABEL_TEXTS, BagOfWordsEncoder, LabelSpec, LabelVocabulary, ModelEncoder
+from hilum.trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
 
 
 class MedfilipConfig(TermConfig):

@@ -1,1 +1,0 @@
-"""Starting workers: Ray Train on an embedded or existing Ray cluster, or local processes without Ray."""

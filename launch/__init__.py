@@ -1,1 +1,0 @@
-"""The `hilum` command line, the typed config schema, run directories and resume lookup."""
