@@ -104,7 +104,7 @@ def test_the_cli_works_from_outside_the_repository(tmp_path):
     assert "train" in run([*HILUM, "--help"], cwd=tmp_path).stdout
     run([*HILUM, "shards", "phantom", "--out", "data/phantom", "--train", "64", "--test", "32", "--size", "64",
          "--samples-per-shard", "32"], cwd=tmp_path)
-    out = run([*HILUM, "train", "--config", str(ROOT / "configs" / "tiny-clip.yaml"), "--launcher", "local",
+    out = run([*HILUM, "train", "--config", str(ROOT / "configs" / "tiny-clip.yaml"), "--launcher", "local", "--workers", "1",
                "--set", "train.max_steps=2", "--set", "train.log_every=1", "--set", "train.checkpoint_every=0",
                "--set", "data.batch_size=8", "--set", "data.num_workers=0", "--set", "eval.at_end=false",
                "--set", "monitoring.metrics_port=0"], cwd=tmp_path, timeout=600)
