@@ -78,9 +78,14 @@ def configure_console(fmt: str, show_info: bool = True) -> None:
 def printed_to_log(logger: logging.Logger, level: int = logging.DEBUG) -> Iterator[None]:
     """Send what a library ``print``s meanwhile to ``logger``: DeepSpeed prints a line from every
     rank at each start ("deepspeed_shm_comm_op built successfully"); --verbose shows it."""
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        yield
-    for line in printed.getvalue().splitlines():
-        if line.strip():
-            logger.log(level, "%s", line)
+    printed, failed = io.StringIO(), False
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    except BaseException:
+        failed = True  # what it printed before failing may say why: shown, at WARNING
+        raise
+    finally:
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                logger.log(logging.WARNING if failed else level, "%s", line)

@@ -24,6 +24,12 @@ SPEAK = """
     logging.getLogger("DeepSpeed").warning("a DeepSpeed warning")
     with printed_to_log(logging.getLogger("hilum")):
         print("op built successfully")
+    try:
+        with printed_to_log(logging.getLogger("hilum")):
+            print("why the op build failed")
+            raise RuntimeError
+    except RuntimeError:
+        pass
 """
 
 
@@ -39,7 +45,8 @@ def speak(verbose: bool) -> list[str]:
 
 
 def test_only_hilum_speaks_at_info_and_known_noise_is_dropped():
-    assert speak(verbose=False) == ["hilum step line", "a Ray Train warning", "a DeepSpeed warning"]
+    assert speak(verbose=False) == ["hilum step line", "a Ray Train warning", "a DeepSpeed warning",
+                                    "why the op build failed"]
 
 
 def test_verbose_shows_everything():
