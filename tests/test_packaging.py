@@ -20,8 +20,8 @@ from packaging.utils import canonicalize_name
 
 from tests.conftest import HILUM, OUTSIDE, ROOT
 
-FOLDERS = ("trainer", "cluster", "launch", "kernels", "monitoring")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+FOLDERS = tuple(PYPROJECT["tool"]["setuptools"]["package-dir"].values())  # trainer/, cluster/, ...
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -39,6 +39,9 @@ def test_the_top_level_folders_are_namespace_portions_and_every_package_is_liste
     """No __init__.py in the five folders: Python then prefers a regular package of the same name
     anywhere on sys.path, so the repository root on sys.path shadows nothing. Every package under
     them must be in pyproject's list, or wheels would miss it."""
+    from hilum.launch.jobs import PACKAGES  # what a Ray job ships
+
+    assert set(FOLDERS) == set(PACKAGES)
     assert not [f for f in FOLDERS if (ROOT / f / "__init__.py").exists()]
     found = {f"hilum.{f}" for f in FOLDERS}
     for folder in FOLDERS:
