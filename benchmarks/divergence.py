@@ -77,15 +77,17 @@ def _rank(rank: int, args: argparse.Namespace, port: int, queue) -> None:  # noq
 
     from hilum.trainer.loop import build_worker
     from hilum.trainer.moving_average import eq7_update
+    from hilum.trainer.objectives.mlip.divergence import PART
 
     w = build_worker(_config(args))
-    pairs = [(s, t) for source, target in w.engine.module.divergence_pairs().values()
+    pairs = [(s, t) for source, target in w.engine.module.parts[PART].pairs(w.engine.module).values()
              for s, t in zip(source.parameters(), target.parameters())]
+    encoders = w.objectives["divergence"].encoders
     cuda = w.device.type == "cuda"
 
     def shard_local(weight: float) -> None:
         for tower in ("image", "text"):
-            w.divergence.averages[tower].update(weight)
+            encoders.averages[tower].update(weight)
 
     @torch.no_grad()
     def gathered(weight: float) -> None:

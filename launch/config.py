@@ -3,7 +3,8 @@
 Every section is a strict pydantic model: unknown keys, wrong types and out-of-range values are
 refused before any worker starts, and the error names the dotted field (``optim.lr``) and the
 reason. Objective terms are registered in :mod:`hilum.trainer.objectives`; their config classes join the
-schema through that registry, so a new term needs no edit here.
+schema through that registry when the config is validated, so a new term — hilum's, or one from a
+module that ``plugins:`` names — needs no edit here.
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ import json
 import os
 import re
 from pathlib import Path
+import importlib
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
-from hilum.trainer.objectives import objective_class as _objective_class
-from hilum.trainer.objectives import objective_config_types
+from hilum.trainer.objectives import TermConfig, objective_config_types
 
 RESOLVED_CONFIG = "config.yaml"  # a run directory's copy of the config it was started with
 
@@ -123,24 +134,6 @@ class DataSection(_Section):
         return self.decode == "gpu" or (self.decode == "auto" and device_type == "cuda")
 
 
-class MultiLevelSection(_Section):
-    """IMITATE's hierarchical aggregation block (built when an objective needs z_v,m)."""
-
-    levels: int = Field(4, ge=1, description="stages of a CNN tower (the last ones), or blocks spread over a ViT")
-    grid: int = Field(16, ge=1, le=64, description="each level is average-pooled to grid x grid; a channel is a token of grid² values")
-    dim: int = Field(256, ge=8, description="width of the aggregating self-attention")
-    heads: int = Field(8, ge=1)
-    depth: int = Field(1, ge=1, le=12, description="self-attention layers")
-    drop_shallowest: float = Field(0.85, ge=0.0, lt=1.0, description="share of the shallowest level's channels dropped in training")
-    drop_others: float = Field(0.9, ge=0.0, lt=1.0, description="share of every other level's channels dropped in training")
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> "MultiLevelSection":
-        if self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
-        return self
-
-
 class ImageTowerSection(_Section):
     model: str = "vit_tiny_patch16_224"
     # Passed to timm.create_model, e.g. {img_size: 64, patch_size: 8, depth: 4}.
@@ -148,7 +141,6 @@ class ImageTowerSection(_Section):
     weights: str | None = Field(None, description="local file with the tower's weights (.pth or .safetensors)")
     channels_last: bool = Field(True, description="on CUDA, feed images in channels-last (NHWC) memory, cuDNN's fast "
                                                   "path for convolutions; no effect on CPU")
-    multi_level: MultiLevelSection = Field(default_factory=MultiLevelSection)
 
 
 class TextTowerSection(_Section):
@@ -241,22 +233,35 @@ class EvalSection(_Section):
     zero_shot: ZeroShotSection = Field(default_factory=ZeroShotSection)
 
 
-def _objective_term_type() -> Any:
+def _objective_terms() -> TypeAdapter:
+    """The registered terms' configs as one union on ``name``, built when a config is validated
+    (so that terms registered by plugins count)."""
     types = objective_config_types()
-    if len(types) == 1:
-        return types[0]
-    return Annotated[Union[tuple(types)], Field(discriminator="name")]
+    term = types[0] if len(types) == 1 else Annotated[Union[tuple(types)], Field(discriminator="name")]
+    return TypeAdapter(list[term])
 
 
-ObjectiveTerm = _objective_term_type()
+def import_plugins(modules: Any) -> None:
+    """Import the modules a config's ``plugins:`` names: each registers its terms."""
+    for name in modules if isinstance(modules, list) else []:
+        if not isinstance(name, str):
+            continue  # the field's own validation names it
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(f"plugins: cannot import {name!r}: {err}") from None
 
 
 class HilumConfig(_Section):
+    plugins: list[str] = Field(
+        default_factory=list, description="modules imported before the objectives are read, each registering its "
+                                          "terms (a method outside hilum); every worker must be able to import them"
+    )
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)
-    objectives: list[ObjectiveTerm] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: [{"name": "clip"}], min_length=1
+    objectives: list[SerializeAsAny[TermConfig]] = Field(
+        default_factory=lambda: _objective_terms().validate_python([{"name": "clip"}]), min_length=1
     )
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -265,6 +270,20 @@ class HilumConfig(_Section):
     monitoring: MonitoringSection = Field(default_factory=MonitoringSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            import_plugins(data.get("plugins"))
+        return data
+
+    @field_validator("objectives", mode="wrap")
+    @classmethod
+    def _registered_terms(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, list) and all(isinstance(v, TermConfig) for v in value):
+            return handler(value)
+        return handler(_objective_terms().validate_python(value))
+
     @model_validator(mode="after")
     def _check_objectives(self) -> "HilumConfig":
         names = [term.name for term in self.objectives]
@@ -272,10 +291,8 @@ class HilumConfig(_Section):
             raise ValueError(f"objective names must be unique, got {names}")
         if sum(term.weight for term in self.objectives) <= 0:
             raise ValueError("at least one objective needs a weight > 0")
-        sections = [term.name for term in self.objectives if _objective_class(term.name).findings]
-        if sections and self.data.text != "impression":
-            raise ValueError(f"objective {sections[0]!r} aligns images with the IMPRESSION and the FINDINGS separately: "
-                             f"set data.text to 'impression' (it is {self.data.text!r}); the findings are read as well")
+        for term in self.objectives:
+            term.check(self)
         if self.data.decode == "gpu" and self.cluster.device == "cpu":
             raise ValueError("data.decode is 'gpu' but cluster.device is 'cpu'; use 'auto' or 'cpu'")
         if self.gradcache.enabled and self.gradcache.chunk_size > self.data.batch_size:
@@ -370,8 +387,9 @@ def _suggest(loc: tuple[Any, ...]) -> str:
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
+    names = _term_names()
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in _DISCRIMINATED_TAGS))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in names))
         field = ".".join(str(p) for p in loc)
         if not field:  # a check across sections: its message names the fields
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
@@ -379,7 +397,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {field}: unknown key{_suggest(loc)}")
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):  # an objective term's name
             tag = str((e.get("ctx") or {}).get("tag", ""))
-            known = sorted(_DISCRIMINATED_TAGS)
+            known = sorted(names)
             close = difflib.get_close_matches(tag, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             what = f"unknown objective {tag!r}{hint}" if e["type"] == "union_tag_invalid" else "missing"
@@ -391,7 +409,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-_DISCRIMINATED_TAGS = {tag for t in objective_config_types() for tag in get_args(t.model_fields["name"].annotation)}
+def _term_names() -> set[str]:
+    return {tag for t in objective_config_types() for tag in get_args(t.model_fields["name"].annotation)}
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

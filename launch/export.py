@@ -65,11 +65,11 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
-def _model_parts(cfg: HilumConfig) -> dict[str, bool]:
-    from hilum.trainer.objectives import objective_class
+def _model_parts(cfg: HilumConfig) -> dict[str, Any]:
+    """The parts the run's terms added to the model (their parameters are in the checkpoint)."""
+    from hilum.trainer.objectives import build_objectives, method_needs
 
-    classes = [objective_class(t.name) for t in cfg.objectives]
-    return {"divergence": any(c.divergence_encoders for c in classes), "multi_level": any(c.multi_level for c in classes)}
+    return method_needs(build_objectives(cfg.objectives), cfg.model).parts
 
 
 def export(run_dir: Path, out: Path, step: int | None = None) -> CheckpointInfo:
@@ -85,7 +85,7 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> CheckpointInfo:
     state = consolidated_state_dict(local_copy(store, ckpt))
     tokenizer = load_tokenizer(cfg.model.text.tokenizer)
     # The architecture as trained (pretrained tower included), to record its config and check the keys.
-    model = build_model(cfg.model, cfg.data.in_chans, len(tokenizer), **_model_parts(cfg))
+    model = build_model(cfg.model, cfg.data.in_chans, len(tokenizer), parts=_model_parts(cfg))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{redact_url(ckpt.url)} does not fit the run's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -138,7 +138,7 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
     cfg = load_config(path / "config.yaml")
     meta = json.loads((path / "export.json").read_text())
     tokenize = Tokenize(str(path / "tokenizer"), cfg.data.context_length)
-    model = build_model(cfg.model, cfg.data.in_chans, len(tokenize.tokenizer), **_model_parts(cfg),
+    model = build_model(cfg.model, cfg.data.in_chans, len(tokenize.tokenizer), parts=_model_parts(cfg),
                         text_config=json.loads((path / "text_config.json").read_text()), text_pooler=meta["text_pooler"])
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return PretrainedDualEncoder(model.to(device).eval(), tokenize, cfg)

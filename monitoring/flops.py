@@ -9,16 +9,18 @@ How hilum counts (documented because every trainer counts differently):
   2·m·n·k (one multiply, one add) and attention through SDPA; element-wise work (norms,
   activations, softmax) is not counted, as in PaLM's and torchtitan's MFU.
 * Training FLOPs per sample = 3 × forward (the backward costs two forwards) for each trained
-  tower, 1 × forward for a frozen tower and for divergence encoders (no backward), plus one more
-  forward of each trained tower under GradCache (its first, graph-less pass). The contrastive
-  loss (O(B²·D) per step) is added per sample as 6·B_global·D for the logits and their gradient.
+  tower, 1 × forward for a frozen tower, plus one more forward of each trained tower under
+  GradCache (its first, graph-less pass), plus what each part of the model (a method's modules)
+  says it adds (``ModelPart.extra_flops``: a no-grad copy of both towers adds one forward of each).
+  The contrastive loss (O(B²·D) per step) is added per sample as 6·B_global·D for the logits and
+  their gradient.
 * MFU = achieved FLOP/s ÷ the device's dense peak for the training dtype (table below, or
   ``monitoring.peak_tflops``). Activation recomputation, if any, does not count as useful work.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -60,12 +62,12 @@ def training_flops_per_sample(
     context_length: int,
     *,
     frozen_text: bool = False,
-    divergence: bool = False,
+    parts: Sequence[Any] = (),
     gradcache: bool = False,
     global_batch: int = 1,
 ) -> dict[str, int]:
     """Per-sample FLOPs of one training step for a CPU :class:`~hilum.trainer.models.dual_encoder.DualEncoder`
-    (see the module docstring for what is counted)."""
+    (see the module docstring for what is counted); ``parts``: the trained model's parts."""
     image = torch.zeros(1, in_chans, image_size, image_size)
     ids = torch.ones(1, context_length, dtype=torch.long)
     mask = torch.ones(1, context_length, dtype=torch.long)
@@ -75,7 +77,7 @@ def training_flops_per_sample(
     counts = {
         "image": (3 + replay) * image_fwd,
         "text": (1 if frozen_text else 3 + replay) * text_fwd,
-        "divergence": (image_fwd + text_fwd) if divergence else 0,
+        "parts": sum(part.extra_flops(image_fwd, text_fwd) for part in parts),
         "loss": 6 * global_batch * int(model.image_proj.out_features),
     }
     counts["total"] = sum(counts.values())

@@ -43,14 +43,15 @@ class WorkerMetrics:
         self.loss = Gauge("hilum_loss", "Loss of the last step by objective term (total = weighted sum)", (*LABELS, "term"), registry=r)
         self.logit_scale = Gauge("hilum_logit_scale", "exp(logit_scale): inverse temperature", LABELS, registry=r)
         self.bad_samples = Counter("hilum_bad_samples", "Samples skipped, by reason", (*LABELS, "reason"), registry=r)
-        self.divergence_similarity = Gauge(
-            "hilum_divergence_similarity", "MLIP divergence encoders: s of the last update, per tower", (*LABELS, "tower"), registry=r
+        self.term_value = Gauge(
+            "hilum_term_value", "What the loss terms report after each optimizer step (e.g. MLIP's s_image, s_text)",
+            (*LABELS, "name"), registry=r
         )
         self.checkpoint_seconds = Gauge("hilum_checkpoint_seconds", "Wall time of the last checkpoint save", LABELS, registry=r)
         self.checkpoint_bytes = Gauge("hilum_checkpoint_bytes", "Size of the last checkpoint (all ranks' files)", LABELS, registry=r)
         self.tokens_per_second = Gauge("hilum_tokens_per_second", "Text tokens (non-padding) per second on this rank", LABELS, registry=r)
         self.phase_seconds = Gauge(
-            "hilum_phase_seconds", "The last step's wall time by phase (data, forward, loss, backward, optimizer, divergence)",
+            "hilum_phase_seconds", "The last step's wall time by phase (data, forward, loss, replay, backward, optimizer, after_step)",
             (*LABELS, "phase"), registry=r,
         )
         self.flops_per_sample = Gauge("hilum_flops_per_sample", "Training FLOPs per sample (see monitoring/flops.py)", LABELS, registry=r)
@@ -104,7 +105,7 @@ class WorkerMetrics:
         losses: dict[str, float],
         logit_scale: float,
         skipped: dict[str, int],
-        similarity: dict[str, float] | None = None,
+        reported: dict[str, float] | None = None,
         phases: dict[str, float] | None = None,
         tokens: int = 0,
         flops_per_sample: float = 0.0,
@@ -131,8 +132,8 @@ class WorkerMetrics:
         self.logit_scale.labels(**lab).set(logit_scale)
         for reason, n in skipped.items():
             self.bad_samples.labels(**lab, reason=reason).inc(n)
-        for tower, s in (similarity or {}).items():
-            self.divergence_similarity.labels(**lab, tower=tower).set(s)
+        for name, value in (reported or {}).items():
+            self.term_value.labels(**lab, name=name).set(value)
 
     def observe_straggler(self, ratio: float, flagged: bool) -> None:
         self.step_time_ratio.labels(**self.labels).set(ratio)

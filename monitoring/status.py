@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-PHASES = ("data", "forward", "loss", "replay", "backward", "optimizer", "divergence")  # replay: GradCache's second forward
+PHASES = ("data", "forward", "loss", "replay", "backward", "optimizer", "after_step")  # replay: GradCache's second forward
 
 
 @dataclass
@@ -37,7 +37,7 @@ def parse_metrics(text: str, run: str | None = None) -> tuple[str, dict[str, flo
             if run is not None and labels.get("run") not in (None, run):
                 continue
             node = labels.get("node", node)
-            extra = next((labels[k] for k in ("phase", "term", "kind", "reason", "tower") if k in labels), None)
+            extra = next((labels[k] for k in ("phase", "term", "kind", "reason", "name") if k in labels), None)
             values[sample.name + (f"[{extra}]" if extra else "")] = float(sample.value)
     return node, values
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hilum.trainer.objectives import ObjectiveInputs
-from hilum.trainer.objectives.cicl import CiclConfig, CiclObjective
+from hilum.trainer.objectives.imitate.cicl import CiclConfig, CiclObjective
 
 
 def _cicl_transcribed(v, t, e, log_scale, lam):
@@ -39,7 +39,7 @@ def test_cicl_is_eq_3_to_5(impl, embedding):
     dtype = torch.float64 if impl == "torch" else torch.float32
     term = CiclObjective(CiclConfig(name="cicl", gather=False, impl=impl, embedding=embedding))
     got_v, got_t = v.to(dtype).clone().requires_grad_(), t.to(dtype).clone().requires_grad_()
-    got = term(ObjectiveInputs(got_v, got_t, log_scale.to(dtype), extras={"report_embedding": report.to(dtype)}))
+    got = term(ObjectiveInputs({"image": got_v, "text": got_t, "text_pooled": report.to(dtype)}, log_scale.to(dtype)))
     got.backward()
     tol = dict(rtol=1e-9, atol=1e-12) if impl == "torch" else dict(rtol=1e-4, atol=1e-6)
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=tol["rtol"])
@@ -56,10 +56,10 @@ def test_cicl_with_identical_reports_everywhere_is_not_clip():
     report = torch.randn(1, 16, generator=g, dtype=torch.float64).repeat(6, 1) + 0.01 * torch.randn(6, 16, generator=g, dtype=torch.float64)
     s = torch.tensor(1.0, dtype=torch.float64)
     term = CiclObjective(CiclConfig(name="cicl", gather=False, impl="torch"))
-    cicl = float(term(ObjectiveInputs(v, t, s, extras={"report_embedding": report})))
+    cicl = float(term(ObjectiveInputs({"image": v, "text": t, "text_pooled": report}, s)))
     assert cicl != pytest.approx(float(infonce_loss(v, t, s, impl="torch")), rel=1e-3)
-    with pytest.raises(ValueError, match="report_embedding"):
-        term(ObjectiveInputs(v, t, s))
+    with pytest.raises(KeyError, match="no model output or side input named 'text_pooled'"):
+        term(ObjectiveInputs({"image": v, "text": t}, s))
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -82,7 +82,7 @@ def test_cicl_code_form_is_the_authors_prior(impl):
     dtype = torch.float64 if impl == "torch" else torch.float32
     term = CiclObjective(CiclConfig(name="cicl", gather=False, impl=impl, form="code", prior_scale=0.07))
     got_v = v.to(dtype).clone().requires_grad_()
-    got = term(ObjectiveInputs(got_v, t.to(dtype), log_scale.to(dtype), extras={"report_embedding": report.to(dtype)}))
+    got = term(ObjectiveInputs({"image": got_v, "text": t.to(dtype), "text_pooled": report.to(dtype)}, log_scale.to(dtype)))
     got.backward()
     tol = dict(rtol=1e-9, atol=1e-12) if impl == "torch" else dict(rtol=1e-4, atol=1e-6)
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=tol["rtol"])

@@ -33,7 +33,7 @@ def _rank(rank, port, queue):
     rows = slice(rank * 4, rank * 4 + 4)
     local_img, local_txt = img[rows].clone().requires_grad_(), txt[rows].clone().requires_grad_()
     scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    loss = _clip_term()(ObjectiveInputs(local_img, local_txt, scale, gather=gather_with_grad))
+    loss = _clip_term()(ObjectiveInputs({"image": local_img, "text": local_txt}, scale, gather=gather_with_grad))
     loss.backward()
     # The engine averages parameter gradients over ranks; do the same for the features' share.
     # Plain lists: tensors would travel as shared memory that dies with this process.
@@ -45,7 +45,7 @@ def test_gathered_loss_and_gradients_equal_global_batch():
     img, txt = _features()
     img.requires_grad_(), txt.requires_grad_()
     scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    loss = _clip_term()(ObjectiveInputs(img, txt, scale))
+    loss = _clip_term()(ObjectiveInputs({"image": img, "text": txt}, scale))
     loss.backward()
 
     ctx = mp.get_context("spawn")

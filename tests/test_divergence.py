@@ -15,7 +15,7 @@ from torch import nn
 from hilum.cluster.local import free_port
 from hilum.trainer.moving_average import MovingAverage, MovingAverageError, eq7_update
 from hilum.trainer.objectives import ObjectiveInputs
-from hilum.trainer.objectives.divergence import DivergenceConfig, DivergenceObjective
+from hilum.trainer.objectives.mlip.divergence import PART, DivergenceConfig, DivergenceObjective
 from tests.conftest import tiny_config
 
 PER_RANK, STEPS = 6, 3
@@ -42,7 +42,7 @@ def test_divergence_term_is_eq_8(impl):
     want = _eq8_second_half(v, t, v_aug, t_aug, log_scale)
     term = DivergenceObjective(DivergenceConfig(name="divergence", gather=False, impl=impl))
     vv, tt = v.to(dtype).detach().clone().requires_grad_(), t.to(dtype).detach().clone().requires_grad_()
-    got = term(ObjectiveInputs(vv, tt, log_scale.to(dtype), extras={"image_aug": v_aug.to(dtype), "text_aug": t_aug.to(dtype)}))
+    got = term(ObjectiveInputs({"image": vv, "text": tt, "image_aug": v_aug.to(dtype), "text_aug": t_aug.to(dtype)}, log_scale.to(dtype)))
     assert float(got.detach()) == pytest.approx(float(want), rel=1e-10 if impl == "torch" else 1e-5)
     # gradients reach v and t only; the divergence features carry none
     got.backward()
@@ -138,7 +138,7 @@ def _rank(rank, port, phantom_dir, run_root, stages):
         cfg = _config(phantom_dir, run_root, 3 if stage == PERSISTENT else stage, name=f"zero{stage}")
         w = build_worker(cfg)
         vocab = len(w.tokenize.tokenizer)
-        pairs = w.engine.module.divergence_pairs()
+        pairs = w.engine.module.parts[PART].pairs(w.engine.module)
         encoders = {tower: _full(src.parameters()) for tower, (src, _) in pairs.items()}
         start = {tower: _full(tgt.parameters()) for tower, (_, tgt) in pairs.items()}
         history = []
@@ -151,8 +151,8 @@ def _rank(rank, port, phantom_dir, run_root, stages):
         save_checkpoint(w, TrainState(step=STEPS))
         resumed = build_worker(cfg)
         state = checkpoint.load(resumed.engine, resumed.store, resumed.store.find(STEPS), rank, 2)
-        resumed.divergence.load_state_dict(state.extra["divergence"])
-        rpairs = resumed.engine.module.divergence_pairs()
+        resumed.objectives["divergence"].load_train_state(state.extra["objectives"]["divergence"])
+        rpairs = resumed.engine.module.parts[PART].pairs(resumed.engine.module)
         restored = {tower: _full(tgt.parameters()) for tower, (_, tgt) in rpairs.items()}
         # one more step on the original and on the resumed worker: the same parameters after it
         nxt = _batch(rank, STEPS, vocab)

@@ -5,8 +5,6 @@ clip + cicl objective: soft targets over the global batch)."""
 from __future__ import annotations
 
 import os
-from functools import partial
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -60,7 +58,7 @@ def _batch(rank, vocab):
     ids = torch.randint(5, vocab, (PER_RANK, 32), generator=g)
     mask = torch.ones(PER_RANK, 32, dtype=torch.long)
     mask[:, 20:] = (torch.arange(PER_RANK)[:, None] % 2).expand(-1, 12)  # some padding
-    return image, ids, mask
+    return {"image": image, "input_ids": ids, "attention_mask": mask}
 
 
 def _grads(engine):
@@ -69,18 +67,15 @@ def _grads(engine):
     return [safe_get_full_grad(p).detach().clone().double() for p in engine.module.parameters() if p.requires_grad]
 
 
-def _chunked_plain_backward(w, batch):
+def _chunked_plain_backward(w, batch, side=None):
     """The reference: one graph over the whole batch, encoded chunk by chunk (so dropout draws the
     same masks as GradCache's chunks), one backward."""
     from hilum.trainer.distributed import gather_with_grad
-    from hilum.trainer.loop import weighted_objective
     from hilum.trainer.objectives import ObjectiveInputs
 
-    outs = [w.engine(*(t[part] for t in batch)) for part in chunk_slices(PER_RANK, CHUNK)]
-    inputs = ObjectiveInputs(torch.cat([o.image for o in outs]), torch.cat([o.text for o in outs]),
-                             outs[0].logit_scale.float(), gather=gather_with_grad,
-                             extras={"report_embedding": torch.cat([o.report_embedding for o in outs])})
-    total, _ = weighted_objective(w, inputs)
+    outs = [w.engine({k: v[part] for k, v in batch.items()}) for part in chunk_slices(PER_RANK, CHUNK)]
+    features = {k: torch.cat([o[k] for o in outs]) for k in w.loss.cached}
+    total, _ = w.loss(ObjectiveInputs(features | (side or {}), outs[0]["logit_scale"].float(), gather=gather_with_grad))
     w.engine.backward(total)
     return float(total)
 
@@ -96,7 +91,7 @@ def _rank(rank, port, phantom_dir, run_root, stages, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     from hilum.trainer.gradcache import gradcache_backward
-    from hilum.trainer.loop import build_worker, plain_backward, weighted_objective
+    from hilum.trainer.loop import build_worker, plain_backward
 
     results = {}
     for stage in stages:
@@ -110,7 +105,7 @@ def _rank(rank, port, phantom_dir, run_root, stages, queue):
             w = build_worker(_config(phantom_dir, run_root, stage, True, 0.1, freeze))
             calls = []
             w.engine.module.text_tower.register_forward_hook(lambda *_: calls.append(1))
-            loss, _, _ = gradcache_backward(w.engine, batch, CHUNK, partial(weighted_objective, w), w.device)
+            loss, _, _ = gradcache_backward(w.engine, batch, CHUNK, w.loss, w.device)
             results[key] = dict(loss=float(loss), ref_loss=ref_loss, err=_rel_err(_grads(w.engine), ref),
                                 text_tower_passes=len(calls) / len(chunk_slices(PER_RANK, CHUNK)))
             w.engine.step()  # the accumulation boundary: exactly one optimizer step
@@ -119,14 +114,14 @@ def _rank(rank, port, phantom_dir, run_root, stages, queue):
                 continue
             # the same without replaying the RNG state: dropout differs between the passes
             w = build_worker(_config(phantom_dir, run_root, stage, True, 0.1))
-            gradcache_backward(w.engine, batch, CHUNK, partial(weighted_objective, w), w.device, replay_rng=False)
+            gradcache_backward(w.engine, batch, CHUNK, w.loss, w.device, replay_rng=False)
             results[key]["err_without_replay"] = _rel_err(_grads(w.engine), ref)
             # dropout off: GradCache equals the plain step's single forward over the whole batch
             w = build_worker(_config(phantom_dir, run_root, stage, False, 0.0))
             plain_loss, _, _ = plain_backward(w, batch)
             ref = _grads(w.engine)
             w = build_worker(_config(phantom_dir, run_root, stage, True, 0.0))
-            loss, _, _ = gradcache_backward(w.engine, batch, CHUNK, partial(weighted_objective, w), w.device)
+            loss, _, _ = gradcache_backward(w.engine, batch, CHUNK, w.loss, w.device)
             results[key].update(plain_err=_rel_err(_grads(w.engine), ref), plain_loss=float(plain_loss), gc_loss=float(loss))
     queue.put((rank, results))
 
@@ -177,8 +172,8 @@ def _bn_rank(rank, port, phantom_dir, run_root, queue):
         if divergence:  # MLIP's divergence encoders run in GradCache's first pass only
             raw["objectives"] = [{"name": "clip"}, {"name": "divergence", "weight": 0.5}]
         w = build_worker(build_config(raw))
-        image, ids, mask = _batch(0, len(w.tokenize.tokenizer))
-        batch = {"image": image, "input_ids": ids, "attention_mask": mask}
+        batch = _batch(0, len(w.tokenize.tokenizer))
+        image = batch["image"]
         if divergence:
             batch["image_aug"] = image.flip(-1)[:, None]
         bn = first_bn(w.engine.module.image_tower)
@@ -204,7 +199,7 @@ def _bn_rank(rank, port, phantom_dir, run_root, queue):
             moved=float((bn.running_mean.float() - before).abs().max()), accumulate=accumulate,
             steps=w.engine.global_steps, bucket=getattr(optimizer, "reduce_bucket_size", None), trainable=trainable,
             tracked=int(bn.num_batches_tracked), stats_err=stats_err,
-            divergence_tracked=int(first_bn(w.engine.module.divergence_image).num_batches_tracked) if divergence else None)
+            divergence_tracked=int(first_bn(w.engine.module.parts["mlip_divergence"].image).num_batches_tracked) if divergence else None)
     queue.put(results)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hilum.cluster.local import free_port
 from hilum.trainer.objectives import ObjectiveInputs
-from hilum.trainer.objectives.imitate import ImitateConfig, ImitateObjective
+from hilum.trainer.objectives.imitate.term import ImitateConfig, ImitateObjective
 from tests.conftest import tiny_config, train_shipped_config
 from tests.test_cicl import _cicl_transcribed
 
@@ -49,10 +49,11 @@ def test_imitate_is_the_six_cicl_terms(impl, correlation):
 
     dtype = torch.float64 if impl == "torch" else torch.float32
     got_x = {k: v.to(dtype).clone().requires_grad_() for k, v in feats.items()}
-    extras = {"image_multi": got_x["m1"], "image_2": got_x["h2"], "image_multi_2": got_x["m2"], "findings": got_x["z_f"],
-              "report_embedding": emb["e_imp"].to(dtype), "findings_embedding": emb["e_find"].to(dtype)}
+    outputs = {"image": got_x["h1"], "text": got_x["z_i"], "image_multi": got_x["m1"], "image_2": got_x["h2"],
+               "image_multi_2": got_x["m2"], "findings": got_x["z_f"],
+               "text_pooled": emb["e_imp"].to(dtype), "findings_pooled": emb["e_find"].to(dtype)}
     term = ImitateObjective(ImitateConfig(name="imitate", gather=False, impl=impl, correlation=correlation))
-    got = term(ObjectiveInputs(got_x["h1"], got_x["z_i"], log_scale.to(dtype), extras=extras))
+    got = term(ObjectiveInputs(outputs, log_scale.to(dtype)))
     got.backward()
     tol = dict(rtol=1e-9, atol=1e-12) if impl == "torch" else dict(rtol=1e-4, atol=1e-6)
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=tol["rtol"])
@@ -63,8 +64,8 @@ def test_imitate_is_the_six_cicl_terms(impl, correlation):
 def test_imitate_names_what_the_model_did_not_give():
     v = F.normalize(torch.randn(4, 8), dim=1)
     term = ImitateObjective(ImitateConfig(name="imitate", gather=False, impl="torch"))
-    with pytest.raises(ValueError, match="image_multi.*findings"):
-        term(ObjectiveInputs(v, v, torch.tensor(1.0), extras={"report_embedding": v}))
+    with pytest.raises(KeyError, match="no model output or side input named 'findings_pooled'"):
+        term(ObjectiveInputs({"image": v, "text": v, "text_pooled": v}, torch.tensor(1.0)))
 
 
 @pytest.mark.parametrize("name,kwargs,levels,channels", [
@@ -74,7 +75,8 @@ def test_imitate_names_what_the_model_did_not_give():
 def test_aggregation_block_over_cnn_and_vit_levels(name, kwargs, levels, channels):
     import timm
 
-    from hilum.trainer.models.hierarchy import HierarchicalAggregator, tower_levels
+    from hilum.trainer.models.towers import TowerRequest, image_tower_outputs
+    from hilum.trainer.objectives.imitate.hierarchy import HierarchicalAggregator
 
     tower = timm.create_model(name, num_classes=0, in_chans=1, **kwargs).eval()
     block = HierarchicalAggregator(tower, levels, grid=4, dim=16, heads=2, depth=1, drop_shallowest=0.85, drop_others=0.9)
@@ -82,7 +84,8 @@ def test_aggregation_block_over_cnn_and_vit_levels(name, kwargs, levels, channel
     if name.startswith("vit"):
         assert block.indices == [1, 3, 5]  # spread over the depth, the last block included
     x = torch.randn(3, 1, 64, 64)
-    pooled, maps = tower_levels(tower, x, block.indices)
+    out = image_tower_outputs(tower, x, TowerRequest(levels=tuple(block.indices)))
+    pooled, maps = out["pooled"], out["levels"]
     torch.testing.assert_close(pooled, tower(x))  # z_v,h is the tower's usual output
     block.train()
     kept = [len(block.kept_channels(i, torch.device("cpu"))) for i in range(levels)]
@@ -108,14 +111,16 @@ def _sample(key, findings, impression):
 
 
 def test_findings_are_read_apart_and_a_missing_section_is_counted():
-    from hilum.trainer.data.stream import FINDINGS_FILLED, FINDINGS_TEXT, Preprocess
+    from hilum.trainer.data.stream import DECLARED, DECLARED_COUNTS, Preprocess
+    from hilum.trainer.objectives.imitate.term import FindingsText
 
-    pre = Preprocess(32, 1, "impression", False, findings=True)
+    pre = Preprocess(32, 1, "impression", False, texts=(FindingsText(),))
     gen = torch.Generator().manual_seed(0)
     _, text, meta = pre(_sample("a", "Small left effusion.", "Left effusion."), gen)
-    assert (text, meta[FINDINGS_TEXT], meta[FINDINGS_FILLED]) == ("Left effusion.", "Small left effusion.", False)
+    assert (text, meta[DECLARED]["findings"], meta[DECLARED_COUNTS]) == (
+        "Left effusion.", "Small left effusion.", {"findings_from_impression": 0})
     _, text, meta = pre(_sample("b", "", "No acute process."), gen)
-    assert (meta[FINDINGS_TEXT], meta[FINDINGS_FILLED]) == ("No acute process.", True)
+    assert (meta[DECLARED]["findings"], meta[DECLARED_COUNTS]) == ("No acute process.", {"findings_from_impression": 1})
 
 
 def test_stream_tokenizes_findings_and_counts_fills(phantom_dir, tmp_path):
@@ -123,6 +128,7 @@ def test_stream_tokenizes_findings_and_counts_fills(phantom_dir, tmp_path):
     from hilum.trainer.data.shards import Manifest, ShardSpec
     from hilum.trainer.data.stream import Preprocess, ShardStream, StreamSpec
     from hilum.trainer.data.text import Tokenize
+    from hilum.trainer.objectives.imitate.term import FindingsText
 
     samples = [_sample(f"s{i}", "" if i == 2 else f"finding {i} here", f"impression {i}") for i in range(4)]
     shard = tmp_path / "train-000000.tar"
@@ -133,7 +139,7 @@ def test_stream_tokenizes_findings_and_counts_fills(phantom_dir, tmp_path):
                 info.size = len(s[ext])
                 tar.addfile(info, io.BytesIO(s[ext]))
     manifest = Manifest((ShardSpec(str(shard), 4),), str(tmp_path / "train.json"))
-    pre = Preprocess(32, 1, "impression", False, findings=True)
+    pre = Preprocess(32, 1, "impression", False, texts=(FindingsText(),))
     stream = ShardStream(manifest, StreamSpec(4, 1, 0, 0, False, 0), pre, Tokenize(str(phantom_dir / "tokenizer"), 16), 0)
     batch = next(iter(stream))
     assert batch["findings_input_ids"].shape == batch["input_ids"].shape == (4, 16)
@@ -149,44 +155,35 @@ def _imitate_config(phantom_dir, run_root, stage, gradcache, freeze):
                       gradcache={"enabled": gradcache, "chunk_size": CHUNK})
     raw["data"]["text"] = "impression"
     raw["model"]["image"]["kwargs"].update(depth=2)
-    raw["model"]["image"]["multi_level"] = {"levels": 2, "grid": 4, "dim": 16, "heads": 2}
     raw["model"]["text"]["freeze"] = freeze
-    raw["objectives"] = [{"name": "imitate"}]
+    raw["objectives"] = [{"name": "imitate", "multi_level": {"levels": 2, "grid": 4, "dim": 16, "heads": 2}}]
     return build_config(raw)
 
 
 def _imitate_rank(rank, port, phantom_dir, run_root, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-    from hilum.trainer.distributed import gather_with_grad
-    from hilum.trainer.gradcache import chunk_slices, gradcache_backward, objective_extras
-    from hilum.trainer.loop import build_worker, weighted_objective
-    from tests.test_gradcache import CHUNK, PER_RANK, _batch, _grads, _rel_err
+    from hilum.trainer.gradcache import gradcache_backward
+    from hilum.trainer.loop import build_worker
+    from tests.test_gradcache import CHUNK, _batch, _chunked_plain_backward, _grads, _rel_err
 
     results = {}
     for stage, freeze in ((2, True), (3, False)):
         w = build_worker(_imitate_config(phantom_dir, run_root, stage, False, freeze))
-        image, ids, mask = _batch(rank, len(w.tokenize.tokenizer))
+        image, ids, mask = _batch(rank, len(w.tokenize.tokenizer)).values()
         g = torch.Generator().manual_seed(7 + rank)
-        extra = {"image_view2": torch.randn(image.shape, generator=g), "findings_ids": ids.roll(3, dims=1),
-                 "findings_mask": mask}
+        batch = {"image": image, "input_ids": ids, "attention_mask": mask,
+                 "image_aug": torch.randn(image.shape, generator=g)[:, None], "findings_input_ids": ids.roll(3, dims=1),
+                 "findings_attention_mask": mask}
         torch.manual_seed(11 + rank)
         # The reference: one graph over the batch, encoded chunk by chunk (the same channel drops).
-        outs = [w.engine(image[p], ids[p], mask[p], **{k: v[p] for k, v in extra.items()})
-                for p in chunk_slices(PER_RANK, CHUNK)]
-        per_chunk = [objective_extras(o) for o in outs]
-        inputs = ObjectiveInputs(torch.cat([o.image for o in outs]), torch.cat([o.text for o in outs]),
-                                 outs[0].logit_scale.float(), gather=gather_with_grad,
-                                 extras={k: torch.cat([e[k] for e in per_chunk]) for k in per_chunk[0]})
-        ref_loss, _ = weighted_objective(w, inputs)
-        w.engine.backward(ref_loss)
+        ref_loss = _chunked_plain_backward(w, batch)
         ref = _grads(w.engine)
         w = build_worker(_imitate_config(phantom_dir, run_root, stage, True, freeze))
         torch.manual_seed(11 + rank)
-        loss, _, _ = gradcache_backward(w.engine, (image, ids, mask), CHUNK, partial(weighted_objective, w), w.device,
-                                        extra=extra)
+        loss, _, _ = gradcache_backward(w.engine, batch, CHUNK, w.loss, w.device)
         results[f"zero{stage}{'-frozen-text' if freeze else ''}"] = dict(
-            loss=float(loss), ref_loss=float(ref_loss), err=_rel_err(_grads(w.engine), ref))
+            loss=float(loss), ref_loss=ref_loss, err=_rel_err(_grads(w.engine), ref))
     queue.put((rank, results))
 
 

@@ -5,7 +5,6 @@ forms), the label stream, GradCache on two ranks, and a phantom training run."""
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import pytest
 import torch
@@ -13,9 +12,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from hilum.cluster.local import free_port
-from hilum.trainer.labels import BagOfWordsEncoder, LabelSpec, LabelVocabulary, image_labels, label_category
+from hilum.trainer.objectives.medfilip.labels import BagOfWordsEncoder, LabelSpec, LabelVocabulary, image_labels, label_category
 from hilum.trainer.objectives import ObjectiveInputs
-from hilum.trainer.objectives.medfilip import MedfilipConfig, MedfilipObjective, semantic_mse
+from hilum.trainer.objectives.medfilip.term import MedfilipConfig, MedfilipObjective, semantic_mse
 from tests.conftest import tiny_config, train_shipped_config
 
 SPEC = LabelSpec.load(None, max_labels=3, uncertain="keep")
@@ -87,8 +86,8 @@ def test_medfilip_is_eq_4_5_and_9(form, impl):
     term = MedfilipObjective(MedfilipConfig(name="medfilip", form=form, max_labels=k, impl=impl))
     index, sim = term.vocabulary.prepare(label_texts, k, torch.device("cpu"))
     got_image, got_slots = image.to(dtype).clone().requires_grad_(), slots.to(dtype).clone().requires_grad_()
-    got = term(ObjectiveInputs(got_image, got_image, log_scale.to(dtype),
-                               extras={"labels": got_slots, "label_index": index, "label_similarity": sim}))
+    got = term(ObjectiveInputs({"image": got_image, "labels": got_slots, "label_index": index, "label_similarity": sim},
+                               log_scale.to(dtype)))
     got.backward()
     tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
     # the similarity table is float32 (what the kernel reads): float32-grade agreement at best
@@ -144,10 +143,9 @@ def _medfilip_rank(rank, port, phantom_dir, run_root, queue):
     from hilum.launch.config import build_config
     from hilum.trainer.data.shards import load_manifest
     from hilum.trainer.data.stream import ShardStream, StreamSpec
-    from hilum.trainer.distributed import gather_with_grad
-    from hilum.trainer.gradcache import chunk_slices, gradcache_backward, objective_extras
-    from hilum.trainer.loop import build_worker, extra_inputs, side_inputs, weighted_objective
-    from tests.test_gradcache import CHUNK, PER_RANK, _batch, _grads, _rel_err
+    from hilum.trainer.gradcache import gradcache_backward
+    from hilum.trainer.loop import build_worker, model_inputs, side_inputs
+    from tests.test_gradcache import CHUNK, PER_RANK, _batch, _chunked_plain_backward, _grads, _rel_err
 
     def config(gradcache):
         raw = tiny_config(phantom_dir, run_root, train={"zero_stage": 2}, monitoring={"enabled": False},
@@ -159,20 +157,12 @@ def _medfilip_rank(rank, port, phantom_dir, run_root, queue):
     stream = ShardStream(load_manifest(str(phantom_dir / "train.json")), StreamSpec(PER_RANK, 2, 0, 0, True, 16),
                          w.train_preprocess, w.tokenize, rank)
     batch = next(iter(stream))
-    image = _batch(rank, 10)[0]
-    extra, side = extra_inputs(w, batch), side_inputs(w, batch)
-    outs = [w.engine(image[p], batch["input_ids"][p], batch["attention_mask"][p], **{k: v[p] for k, v in extra.items()})
-            for p in chunk_slices(PER_RANK, CHUNK)]
-    per_chunk = [objective_extras(o) for o in outs]
-    inputs = ObjectiveInputs(torch.cat([o.image for o in outs]), torch.cat([o.text for o in outs]), outs[0].logit_scale.float(),
-                             gather=gather_with_grad, extras={k: torch.cat([e[k] for e in per_chunk]) for k in per_chunk[0]} | side)
-    ref_loss, _ = weighted_objective(w, inputs)
-    w.engine.backward(ref_loss)
+    inputs, side = model_inputs(batch) | {"image": _batch(rank, 10)["image"]}, side_inputs(w, batch)
+    ref_loss = _chunked_plain_backward(w, inputs, side)
     ref = _grads(w.engine)
     w = build_worker(config(True))
-    loss, _, _ = gradcache_backward(w.engine, (image, batch["input_ids"], batch["attention_mask"]), CHUNK,
-                                    partial(weighted_objective, w), w.device, extra=extra, side=side)
-    queue.put((rank, dict(loss=float(loss), ref_loss=float(ref_loss), err=_rel_err(_grads(w.engine), ref),
+    loss, _, _ = gradcache_backward(w.engine, inputs, CHUNK, w.loss, w.device, side=side)
+    queue.put((rank, dict(loss=float(loss), ref_loss=ref_loss, err=_rel_err(_grads(w.engine), ref),
                           vocab=int(side["label_similarity"].shape[0]), filled=int(batch["label_valid"].sum()))))
 
 

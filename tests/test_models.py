@@ -58,11 +58,13 @@ def test_frozen_text_tower_gets_no_gradient():
                                   "text": {"freeze": True, "config": {"hidden_size": 16, "num_hidden_layers": 1,
                                                                       "num_attention_heads": 2, "intermediate_size": 32}}}})
     model = build_model(cfg.model, in_chans=1, vocab_size=50)
-    out = model(torch.randn(4, 1, 32, 32), torch.randint(0, 50, (4, 8)), torch.ones(4, 8, dtype=torch.long))
-    (out.image @ out.text.T).sum().backward()
+    out = model({"image": torch.randn(4, 1, 32, 32), "input_ids": torch.randint(0, 50, (4, 8)),
+                 "attention_mask": torch.ones(4, 8, dtype=torch.long)})
+    (out["image"] @ out["text"].T).sum().backward()
     assert all(p.grad is None for p in model.text_tower.parameters())
     assert model.text_proj.weight.grad is not None and model.image_proj.weight.grad is not None
-    assert out.logit_scale.shape == ()
+    assert out["logit_scale"].shape == ()
+    assert set(out.reusable) == {"text_pooled"} and not out["text_pooled"].requires_grad  # a replay may skip the tower
 
 
 @pytest.mark.parametrize("tower", [("resnet18", {}), ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1})])

@@ -55,7 +55,7 @@ class TrainState:
     step: int = 0
     position: StreamPosition = field(default_factory=StreamPosition)
     # Per-rank state of worker parts the engine does not checkpoint (tensors, dicts, numbers only:
-    # it loads with weights_only=True), e.g. the divergence encoders' ZeRO-3 partitions.
+    # it loads with weights_only=True), e.g. a method's moving-average copies' ZeRO-3 partitions.
     extra: dict[str, Any] = field(default_factory=dict)
 
 

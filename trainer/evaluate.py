@@ -44,9 +44,10 @@ def encode_manifest(
     bar = tqdm(total=total, desc="eval", unit="sample", disable=None if show else True, leave=False)
     for batch in make_loader(stream):
         bar.update(len(batch["text"]))
-        out = model(batch["image"].to(device, dtype), batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        images.append(out.image.float().cpu())
-        texts.append(out.text.float().cpu())
+        out = model({"image": batch["image"].to(device, dtype), "input_ids": batch["input_ids"].to(device),
+                     "attention_mask": batch["attention_mask"].to(device)}, with_parts=False)
+        images.append(out["image"].float().cpu())
+        texts.append(out["text"].float().cpu())
         reports.extend(batch["text"])
         metas.extend(batch["meta"])
         seen += len(batch["text"])

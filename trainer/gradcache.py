@@ -28,7 +28,7 @@ Batch norms see every chunk twice; their running statistics keep one update per 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import torch
 
@@ -66,8 +66,8 @@ class NormStatistics:
     as the first pass did), and each would fold the chunk into the running mean and variance:
     twice the updates, so the statistics that evaluation uses would average half as many chunks.
     GradCache implementations leave this as it is; here the first pass's updates are undone
-    before the replay, except in layers that only the first pass runs (MLIP's divergence encoders
-    run without a gradient, once), recognised by their unchanged ``num_batches_tracked``.
+    before the replay, except in layers that only the first pass runs (a part whose graph-less
+    output the replay reuses runs once), recognised by their unchanged ``num_batches_tracked``.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -106,19 +106,20 @@ def num_chunks(batch_size: int, chunk_size: int) -> int:
     return -(-batch_size // chunk_size)
 
 
-Objective = Callable[[ObjectiveInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+class SplitObjective(Protocol):
+    """The loss as GradCache computes it: the terms over the whole (cached) batch, and the
+    chunk-local terms (per-sample losses, e.g. reconstructions) on each chunk of the replay."""
 
+    cached: tuple[str, ...]  # the model outputs that the whole-batch terms read: what is cached
 
-def objective_extras(out: Any) -> dict[str, torch.Tensor]:
-    """What the objectives read from a forward besides the main features (``Embeddings``):
-    report embeddings, divergence encoders' features, further graph-carrying features."""
-    extras = {"report_embedding": out.report_embedding}
-    if out.image_aug is not None:
-        extras.update(image_aug=out.image_aug, text_aug=out.text_aug)
-    if out.findings_embedding is not None:
-        extras["findings_embedding"] = out.findings_embedding
-    extras.update(out.features or {})
-    return extras
+    def whole_batch(self, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted sum, each term) of the terms computed on the whole batch."""
+        ...
+
+    def chunk_local(self, inputs: ObjectiveInputs, share: float) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(weighted sum, each term) of the chunk-local terms on one chunk, each scaled by the
+        chunk's ``share`` of the batch (None: no such term)."""
+        ...
 
 
 def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -128,6 +129,25 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
     the host (a no-op difference for pageable memory, where copies are synchronous anyway)."""
     moved = t.to(device, non_blocking=True)
     return moved.to(dtype) if t.is_floating_point() else moved
+
+
+class OnDevice(Mapping[str, torch.Tensor]):
+    """A host batch whose tensors move to the device when a term reads them (whole-batch terms
+    under GradCache read few, if any, of the batch's inputs: the images stay on the host)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
+        self.host, self.device, self.dtype, self.moved = batch, device, dtype, {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.moved:
+            self.moved[key] = to_device(self.host[key], self.device, self.dtype)
+        return self.moved[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.host)
+
+    def __len__(self) -> int:
+        return len(self.host)
 
 
 def device_chunks(parts: list[slice], fetch: Callable[[slice], Any], device: torch.device) -> Iterator[Any]:
@@ -145,86 +165,92 @@ def device_chunks(parts: list[slice], fetch: Callable[[slice], Any], device: tor
 
 def gradcache_backward(
     engine: Any,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    batch: dict[str, torch.Tensor],
     chunk_size: int,
-    objective: Objective,
+    objective: SplitObjective,
     device: torch.device,
     replay_rng: bool = True,
-    image_aug: torch.Tensor | None = None,
     timer: PhaseTimer = NO_TIMER,
     image_dtype: torch.dtype | None = None,
-    extra: dict[str, torch.Tensor] | None = None,
     side: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], ObjectiveInputs]:
     """Both passes and every chunk's backward; the caller makes the final ``engine.step()``.
 
-    ``objective`` maps the cached features to (weighted total, per-term values). Returns those
-    and the objective's inputs (cached features, logit scale, divergence encoders' features when
-    ``image_aug`` is given: they run in the first pass only, having no gradient to replay).
-    ``extra``: further per-sample model inputs by keyword (a second view, the findings' tokens),
-    chunked like the batch; every further feature the model returns is cached and replayed
-    like the main two. ``side``: per-step objective inputs that are no model output (MedFILIP's
-    label vocabulary), added to the extras as they are.
+    ``batch``: the model's per-sample inputs by name (image, tokens, further views, declared
+    texts and values), chunked along the first axis. ``objective.cached`` names the outputs to
+    cache; every cached output that has a graph in the replay and got a gradient from the loss is
+    replayed. Outputs the model marks reusable (no graph: a frozen tower, a no-grad copy of one) are passed
+    back to the replay, which then skips computing them. ``side``: per-step objective inputs that
+    are no model output (a vocabulary of the global batch), added as they are.
+    Returns the weighted total, each term, and the objective's inputs (the cached outputs).
     The batch may stay on the host: each chunk moves to ``device`` (images as ``image_dtype``) when
     it is encoded, so device memory holds one chunk's inputs, never the effective batch's (65536
     images of 224² in bf16 are 20 GB).
     ``replay_rng=False`` exists only to show, in tests, what the replay buys.
     """
-    image, input_ids, attention_mask = batch
-    slices = chunk_slices(image.shape[0], chunk_size)
-    dtype = image_dtype or image.dtype
-    extra = extra or {}
+    size = next(iter(batch.values())).shape[0]
+    slices = chunk_slices(size, chunk_size)
+    dtype = image_dtype or (batch["image"].dtype if "image" in batch else torch.float32)
 
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return to_device(t, device, dtype)
-
-    def chunk(part: slice) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        return [move(t[part]) for t in (image, input_ids, attention_mask)], {k: move(v[part]) for k, v in extra.items()}
-
-    def first_chunk(part: slice) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None]:
-        return (*chunk(part), move(image_aug[part]) if image_aug is not None else None)
+    def chunk(part: slice) -> dict[str, torch.Tensor]:
+        return {k: to_device(v[part], device, dtype) for k, v in batch.items()}
 
     norms = NormStatistics(getattr(engine, "module", engine))
     before_first_pass = norms.snapshot()
-    states, cached = [], []
+    states, cached, reusable = [], [], []
     with torch.no_grad():
-        for args, kwargs, aug in device_chunks(slices, first_chunk, device):
+        for inputs in device_chunks(slices, chunk, device):
             states.append(RngState.capture(device))
-            cached.append(engine(*args, image_aug=aug, **kwargs))
+            out = engine(inputs)
+            missing = [k for k in objective.cached if k not in out]
+            if missing:
+                raise ValueError(f"the model produced no {', '.join(missing)}: no configured part declares "
+                                 f"{'it' if len(missing) == 1 else 'them'} (it has {', '.join(sorted(out))})")
+            cached.append({k: out[k] for k in objective.cached})
+            reusable.append(out.reusable)
+            logit_scale = out["logit_scale"]
     after_first_pass = RngState.capture(device)
     first_pass_norms = norms.snapshot()
     norms.restore(before_first_pass)  # the replay updates them, once per chunk
     timer.mark("forward")
 
-    image_features = torch.cat([c.image for c in cached]).detach().requires_grad_()
-    text_features = torch.cat([c.text for c in cached]).detach().requires_grad_()
-    logit_scale = cached[0].logit_scale.detach().float().requires_grad_()
-    per_chunk = [objective_extras(c) for c in cached]
-    graph_keys = list(cached[0].features or {})  # features whose gradient the second pass replays
-    extras = {k: torch.cat([e[k] for e in per_chunk]) for k in per_chunk[0]}
-    for k in graph_keys:
-        extras[k] = extras[k].detach().requires_grad_()
-    extras.update(side or {})
-    inputs = ObjectiveInputs(image_features, text_features, logit_scale, gather=gather_with_grad, extras=extras)
-    total, terms = objective(inputs)
+    # Every cached output becomes a leaf; those the loss back-propagates into are replayed.
+    features = {}
+    for k in objective.cached:
+        whole = torch.cat([c[k] for c in cached])
+        features[k] = whole.requires_grad_() if whole.is_floating_point() else whole
+    del cached
+    logit_scale = logit_scale.detach().float().requires_grad_()
+    inputs = ObjectiveInputs({**features, **(side or {})}, logit_scale, gather=gather_with_grad,
+                             batch=OnDevice(batch, device, dtype))
+    total, terms = objective.whole_batch(inputs)
     # Leaves only: no parameter is reached, so no engine hook fires in this backward.
     total.backward()
     timer.mark("loss")
 
-    for index, (part, (args, kwargs)) in enumerate(zip(slices, device_chunks(slices, chunk, device))):
+    local_total, local_terms = torch.zeros((), device=device), {}
+    for index, (part, chunk_inputs) in enumerate(zip(slices, device_chunks(slices, chunk, device))):
         if replay_rng:
             states[index].restore()
-        out = engine(*args, text_pooled=cached[index].text_pooled, findings_pooled=cached[index].findings_pooled, **kwargs)
+        out = engine(chunk_inputs, reuse=reusable[index])
         timer.mark("replay")
-        pairs = [(out.image, image_features), (out.text, text_features), *((out.features[k], extras[k]) for k in graph_keys)]
-        # A feature that no term used has no gradient (MedFILIP never reads the report's).
-        surrogate = sum((fresh.float() * leaf.grad[part].float()).sum() for fresh, leaf in pairs if leaf.grad is not None)
+        pairs = [(out[k], leaf) for k, leaf in features.items()
+                 if leaf.grad is not None and out[k].requires_grad]  # a feature no term used has no gradient
+        surrogate = sum((fresh.float() * leaf.grad[part].float()).sum() for fresh, leaf in pairs)
         if index == 0 and logit_scale.grad is not None:
-            surrogate = surrogate + out.logit_scale.float() * logit_scale.grad
+            surrogate = surrogate + out["logit_scale"].float() * logit_scale.grad
+        local, values = objective.chunk_local(
+            ObjectiveInputs({**out, **(side or {})}, out["logit_scale"].float(), batch=chunk_inputs),
+            (part.stop - part.start) / size)
+        if local is not None:
+            surrogate = surrogate + local
+            local_total = local_total + local.detach()
+            for name, value in values.items():
+                local_terms[name] = local_terms.get(name, 0) + value.detach()
         engine.backward(surrogate, scale_wrt_gas=False)
         if index < len(slices) - 1:
             engine.step()  # inside the accumulation window: advances DeepSpeed's micro-step only
         timer.mark("backward")
     after_first_pass.restore()  # the next step's randomness as if each chunk ran once
     norms.restore(first_pass_norms, only_if_unchanged_since=before_first_pass)  # first-pass-only layers
-    return total.detach(), {k: v.detach() for k, v in terms.items()}, inputs
+    return (total.detach() + local_total, {k: v.detach() for k, v in terms.items()} | local_terms, inputs)

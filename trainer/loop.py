@@ -38,12 +38,12 @@ from hilum.trainer.data.stream import (
 )
 from hilum.trainer.data.text import Tokenize, worker_tokenizer_threads
 from hilum.trainer.distributed import WorkerInfo, all_gather_floats, all_reduce_mean, gather_with_grad, worker_info
-from hilum.trainer.divergence import DivergenceEncoders
 from hilum.trainer.engine import build_engine, deepspeed_config, pick_device, pick_dtype
 from hilum.trainer.evaluate import evaluate
-from hilum.trainer.gradcache import gradcache_backward, num_chunks, objective_extras, to_device
+from hilum.trainer.gradcache import gradcache_backward, num_chunks, to_device
+from hilum.trainer.loss import WeightedLoss
 from hilum.trainer.models.dual_encoder import build_model
-from hilum.trainer.objectives import ObjectiveInputs, build_objectives
+from hilum.trainer.objectives import ObjectiveInputs, build_objectives, method_needs
 from hilum.trainer.timing import NO_TIMER, PhaseTimer
 
 if TYPE_CHECKING:
@@ -89,16 +89,13 @@ class Worker:
     device: torch.device
     dtype: torch.dtype
     engine: Any
-    objectives: torch.nn.ModuleDict
+    objectives: torch.nn.ModuleDict  # the configured terms by name
+    loss: WeightedLoss
     tokenize: Tokenize
     train_preprocess: Preprocess
     eval_preprocess: Preprocess
     metrics: Any  # monitoring.WorkerMetrics or None
     decoder: DeviceDecoder | None = None  # finishes batches whose JPEGs decode on the device
-    divergence: DivergenceEncoders | None = None  # MLIP's moving-average encoders, when a term needs them
-    second_view: bool = False  # a term wants the second augmented view through the trained encoder
-    findings: bool = False  # a term wants the FINDINGS encoded apart from the main text
-    labels: bool = False  # a term wants each image's structured label texts encoded (MedFILIP)
     store: checkpoint.CheckpointStore | None = None  # where this run's checkpoints live
 
     @property
@@ -122,24 +119,20 @@ def build_worker(cfg: "HilumConfig") -> Worker:
     tokenize = Tokenize(cfg.model.text.tokenizer, cfg.data.context_length,
                         worker_tokenizer_threads(cfg.data.tokenizer_threads, cfg.cluster.cpus_per_worker, cfg.data.num_workers))
     objectives = build_objectives(cfg.objectives).to(device)
-    wants_divergence = any(o.divergence_encoders for o in objectives.values())
-    # The objectives' extra parts are built before the engine, so ZeRO partitions them too.
-    model = build_model(cfg.model, cfg.data.in_chans, len(tokenize.tokenizer), divergence=wants_divergence,
-                        multi_level=any(o.multi_level for o in objectives.values()))
+    needs = method_needs(objectives, cfg.model)
+    # The parts the terms declare are built before the engine, so ZeRO partitions them too.
+    model = build_model(cfg.model, cfg.data.in_chans, len(tokenize.tokenizer), parts=needs.parts)
     engine = build_engine(model, cfg, info.world_size, device, dtype)
-    divergence = None
-    if wants_divergence:
-        divergence = DivergenceEncoders(engine.module, deepspeed_config(cfg, info.world_size, dtype)["zero_optimization"])
+    zero_config = deepspeed_config(cfg, info.world_size, dtype)["zero_optimization"]
+    for objective in objectives.values():
+        objective.attach(engine.module, zero_config)
     seed_everything(cfg.run.seed + 1000 * info.rank)  # per-rank randomness from here on
     d, a = cfg.data, cfg.data.augment
     on_device = d.decodes_on_device(device.type)
     if on_device and device.type != "cuda":
         raise RuntimeError(f"data.decode is 'gpu' but this worker's device is {device}")
-    views = max(o.views for o in objectives.values())
-    findings = any(o.findings for o in objectives.values())
-    label_spec = next((o.spec for o in objectives.values() if o.labels), None)
     train_pre = Preprocess(d.image_size, d.in_chans, d.text, True, a.crop_scale_min, a.brightness, a.contrast,
-                           defer_jpeg=on_device, views=views, findings=findings, labels=label_spec)
+                           defer_jpeg=on_device, views=needs.data.views, texts=needs.data.texts, values=needs.data.values)
     eval_pre = Preprocess(d.image_size, d.in_chans, d.text, False)
     # Under GradCache the decoded batch waits on the host: the device gets one chunk at a time.
     decoder = None
@@ -155,9 +148,8 @@ def build_worker(cfg: "HilumConfig") -> Worker:
         # Every run under output_dir in one folder: Prometheus's file_sd globs only the last path element.
         metrics.write_target(Path(cfg.run.output_dir) / "metrics_targets", f"{cfg.run.name}-rank{info.rank}.json")
         log.info("metrics at %s", url)
-    return Worker(cfg, info, device, dtype, engine, objectives, tokenize, train_pre, eval_pre, metrics, decoder, divergence,
-                  second_view=any(o.second_view for o in objectives.values()), findings=findings,
-                  labels=label_spec is not None, store=checkpoint.store_for(cfg))
+    return Worker(cfg, info, device, dtype, engine, objectives, WeightedLoss(objectives, cfg.objectives, needs.cached),
+                  tokenize, train_pre, eval_pre, metrics, decoder, store=checkpoint.store_for(cfg))
 
 
 def prepare_batch(w: Worker, batch: Batch) -> Batch:
@@ -182,83 +174,64 @@ def training_batches(w: Worker, stream: ShardStream) -> Prefetcher | Generator[B
     return Prefetcher(loader, partial(prepare_batch, w), w.device, w.cfg.data.prefetch)
 
 
-def weighted_objective(w: Worker, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The configured terms on one batch's features and their weighted sum."""
-    terms = {term.name: w.objectives[term.name](inputs) for term in w.cfg.objectives}
-    return sum(term.weight * terms[term.name] for term in w.cfg.objectives), terms
-
-
 StepResult = tuple[torch.Tensor, dict[str, torch.Tensor], ObjectiveInputs]
 
 
-def extra_inputs(w: Worker, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Per-sample model inputs beyond (image, report) that the objectives ask for, by the
-    model's keyword names, where the batch holds them (host or device)."""
-    extra = {}
-    if w.second_view:
-        extra["image_view2"] = batch["image_aug"][:, 0]
-    if w.findings:
-        extra.update(findings_ids=batch["findings_input_ids"], findings_mask=batch["findings_attention_mask"])
-    if w.labels:
-        extra.update(label_ids=batch["label_input_ids"], label_mask=batch["label_attention_mask"],
-                     label_valid=batch["label_valid"])
-    return extra
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's inputs from a batch: its tensors, each per-sample (image, views, tokens, the
+    terms' declared texts and values); the rest (texts, metadata, counters) is for the host."""
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def side_inputs(w: Worker, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Per-step data the terms read besides the model's outputs (MedFILIP's label vocabulary)."""
+    """Per-step data the terms read besides the model's outputs."""
     side: dict[str, torch.Tensor] = {}
     for objective in w.objectives.values():
         side.update(objective.side_inputs(batch, w.device))
     return side
 
 
-def plain_backward(w: Worker, batch: tuple[torch.Tensor, ...], image_aug: torch.Tensor | None = None,
-                   timer: PhaseTimer = NO_TIMER, extra: dict[str, torch.Tensor] | None = None,
+def plain_backward(w: Worker, inputs: dict[str, torch.Tensor], timer: PhaseTimer = NO_TIMER,
                    side: dict[str, torch.Tensor] | None = None) -> StepResult:
     """One forward over the whole per-rank batch and its backward; the caller steps."""
-    out = w.engine(*batch, image_aug=image_aug, **(extra or {}))
+    out = w.engine(inputs)
     timer.mark("forward")
     # Features stay in the model dtype (bf16 on GPUs): the loss kernels accumulate in float32.
-    inputs = ObjectiveInputs(out.image, out.text, out.logit_scale.float(), gather=gather_with_grad,
-                             extras=objective_extras(out) | (side or {}))
-    total, terms = weighted_objective(w, inputs)
+    objective_inputs = ObjectiveInputs({**out, **(side or {})}, out["logit_scale"].float(), gather=gather_with_grad,
+                                       batch=inputs)
+    total, terms = w.loss(objective_inputs)
     timer.mark("loss")
     w.engine.backward(total)
     timer.mark("backward")
-    return total.detach(), {k: v.detach() for k, v in terms.items()}, inputs
+    return total.detach(), {k: v.detach() for k, v in terms.items()}, objective_inputs
 
 
 def step_backward(w: Worker, batch: dict[str, Any], timer: PhaseTimer = NO_TIMER) -> StepResult:
     """Every backward of one training step, plain or gradient-cached; the optimizer step is left.
-    Returns the weighted total, each term, and the objective's inputs (features, temperature)."""
-    tensors = (batch["image"], batch["input_ids"], batch["attention_mask"])
-    image_aug = batch["image_aug"][:, 0] if w.divergence is not None else None
-    extra, side = extra_inputs(w, batch), side_inputs(w, batch)
+    Returns the weighted total, each term, and the objective's inputs (named outputs, temperature)."""
+    inputs, side = model_inputs(batch), side_inputs(w, batch)
     if w.cfg.gradcache.enabled:  # moves one chunk at a time to the device
-        return gradcache_backward(w.engine, tensors, w.cfg.gradcache.chunk_size, partial(weighted_objective, w), w.device,
-                                  image_aug=image_aug, timer=timer, image_dtype=w.dtype, extra=extra, side=side)
-    tensors = tuple(to_device(t, w.device, w.dtype) for t in tensors)
-    image_aug = image_aug.to(w.device, w.dtype) if image_aug is not None else None
-    extra = {k: to_device(v, w.device, w.dtype) for k, v in extra.items()}
-    return plain_backward(w, tensors, image_aug, timer, extra, side)
+        return gradcache_backward(w.engine, inputs, w.cfg.gradcache.chunk_size, w.loss, w.device, timer=timer,
+                                  image_dtype=w.dtype, side=side)
+    return plain_backward(w, {k: to_device(v, w.device, w.dtype) for k, v in inputs.items()}, timer, side)
 
 
 def train_step(w: Worker, batch: dict[str, Any], timer: PhaseTimer = NO_TIMER) -> dict[str, float]:
-    """Forward, weighted objective terms, backward, optimizer step, divergence encoders' update.
-    Returns each term's value, the loss, the temperature and the divergence weights."""
+    """Forward, weighted objective terms, backward, optimizer step, the terms' after-step updates
+    (a method's moving averages). Returns each term's value, the loss, the temperature and whatever
+    the after-step updates report."""
     total, terms, inputs = step_backward(w, batch, timer)
     w.engine.step()
     timer.mark("optimizer")
     values = {name: float(v) for name, v in terms.items()}
     values["loss"] = float(total)
     values["logit_scale"] = float(inputs.logit_scale.detach().exp())
-    if w.divergence is not None:
-        x = inputs.extras
-        weights = w.divergence.similarities(inputs.image_features, inputs.text_features, x["image_aug"], x["text_aug"])
-        w.divergence.update(weights)
-        values.update({f"s_{tower}": s for tower, s in weights.items()})
-        timer.mark("divergence")
+    reported: dict[str, float] = {}
+    for objective in w.objectives.values():
+        reported.update(objective.after_step(inputs))
+    if reported:
+        values.update(reported)
+        timer.mark("after_step")
     return values
 
 
@@ -271,7 +244,7 @@ def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
         from hilum.trainer.data.phantom import ZERO_SHOT_PROMPTS
 
         prompts = ZERO_SHOT_PROMPTS
-        for objective in w.objectives.values():  # a term with its own template (MedFILIP's Eq. 10)
+        for objective in w.objectives.values():  # a term with its own template
             prompts = objective.zero_shot_prompts(list(prompts)) or prompts
     t0 = time.perf_counter()
     result = evaluate(
@@ -302,8 +275,9 @@ def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
 
 def save_checkpoint(w: Worker, state: TrainState) -> None:
     t0 = time.perf_counter()
-    if w.divergence is not None:
-        state.extra["divergence"] = w.divergence.state_dict()
+    kept = {name: s for name, o in w.objectives.items() if (s := o.train_state())}
+    if kept:
+        state.extra["objectives"] = kept
     url = checkpoint.save(
         w.engine, w.store, state, w.info.rank, w.info.world_size, w.cfg.fingerprint(), w.cfg.train.keep_checkpoints
     )
@@ -317,8 +291,9 @@ def save_checkpoint(w: Worker, state: TrainState) -> None:
 def resume_state(w: Worker, ckpt: checkpoint.CheckpointInfo) -> TrainState:
     """Load ``ckpt`` into the worker (collective) and return where training continues."""
     state = checkpoint.load(w.engine, w.store, ckpt, w.info.rank, w.info.world_size)
-    if w.divergence is not None:
-        w.divergence.load_state_dict(state.extra.get("divergence", {}))
+    for name, kept in state.extra.get("objectives", {}).items():
+        if name in w.objectives:
+            w.objectives[name].load_train_state(kept)
     log.info("resumed from %s: continuing at step %d (epoch %d, batch %d)",
              redact_url(ckpt.url), state.step + 1, state.position.epoch, state.position.batch)
     return state
@@ -385,10 +360,10 @@ class Progress:
         self.epoch_skipped.update(batch["_skipped"])
         self.epoch_filled.update(batch.get("_filled", {}))
         losses = {k: values[k] for k in ["loss", *(t.name for t in cfg.objectives)]}
-        similarity = w.divergence.last if w.divergence is not None else {}  # s per tower of this step's update
+        reported = {k: v for k, v in values.items() if k not in losses and k != "logit_scale"}  # after-step values
         if w.metrics:
             w.metrics.observe_step(state.step, samples, step_seconds, data_seconds, losses, values["logit_scale"],
-                                   batch["_skipped"], similarity, phases=phases, tokens=int(batch["attention_mask"].sum()),
+                                   batch["_skipped"], reported, phases=phases, tokens=int(batch["attention_mask"].sum()),
                                    flops_per_sample=self.flops_per_sample, peak_tflops=self.peak_tflops,
                                    memory=device_memory(w.device))
         if state.step % cfg.train.log_every and state.step != cfg.train.max_steps:
@@ -409,8 +384,8 @@ class Progress:
             self.last["phase_seconds"] = {k: v / self.window_steps for k, v in self.window_phases.items()}
         if w.info.is_main:
             terms = " ".join(f"{t.name} {values[t.name]:.4f}" for t in cfg.objectives)
-            if similarity:
-                terms += " | s " + " ".join(f"{tower} {s:.3f}" for tower, s in similarity.items())
+            if reported:
+                terms += " | " + " ".join(f"{k} {v:.3f}" for k, v in reported.items())
             log.info("step %d/%d | loss %.4f | %s | %.0f samples/s | step %.3fs (data %.3fs, %.1f%% of the window) | "
                      "lr %.2e | scale %.1f", state.step, cfg.train.max_steps, loss, terms, rate, step_seconds,
                      data_seconds, 100 * data_share, self.last["lr"], values["logit_scale"])
@@ -426,7 +401,7 @@ def count_flops_per_sample(w: Worker) -> float:
     model = build_model(model_cfg, cfg.data.in_chans, len(w.tokenize.tokenizer))
     counts = training_flops_per_sample(
         model, cfg.data.image_size, cfg.data.in_chans, cfg.data.context_length, frozen_text=cfg.model.text.freeze,
-        divergence=w.divergence is not None, gradcache=cfg.gradcache.enabled,
+        parts=list(w.engine.module.parts.values()), gradcache=cfg.gradcache.enabled,
         global_batch=cfg.data.batch_size * w.info.world_size,
     )
     return float(counts["total"])

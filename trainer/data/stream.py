@@ -45,7 +45,6 @@ from hilum.trainer.data.read_ahead import ShardReadAhead
 from hilum.trainer.data.shards import Manifest, ShardSpec
 from hilum.trainer.data.storage import RetryingReader, redact_url
 from hilum.trainer.data.tar_samples import tar_samples
-from hilum.trainer.labels import LABEL_TEXTS, LABELS_CUT, LabelSpec, image_labels
 
 log = logging.getLogger("hilum.data")
 
@@ -248,7 +247,14 @@ class SampleError(ValueError):
         self.reason = reason
 
 
-FINDINGS_TEXT, FINDINGS_FILLED = "_findings_text", "_findings_filled"
+# Where a sample's meta holds what the terms' declared readers returned (name → text, texts or
+# value), and the counts they reported (stand-ins, cuts).
+DECLARED, DECLARED_COUNTS = "_declared", "_declared_counts"
+
+
+def declared_texts(batch: dict[str, Any], name: str) -> list[Any]:
+    """What the declared reader ``name`` returned for each sample of a batch, in batch order."""
+    return [m[DECLARED][name] for m in batch["meta"]]
 
 
 def report_text(meta: dict[str, Any], which: str) -> str:
@@ -350,17 +356,13 @@ class Preprocess:
     decoded and augmented here, so both paths give the same images up to decoder rounding.
 
     ``views`` > 1 returns that many independently augmented views of the image, stacked on a new
-    first axis (objectives with an augmented view: MLIP's divergence encoder, IMITATE's V-V
-    branch); the first view is the one a single-view stream would give.
+    first axis (for terms that declare further views); the first view is the one a single-view
+    stream would give.
 
-    ``findings``: the FINDINGS section is read as well, for terms that encode it apart from the
-    main text (IMITATE), into ``meta[FINDINGS_TEXT]``. A report without one falls back to its
-    IMPRESSION, marked ``meta[FINDINGS_FILLED]`` so the stream counts it (a report with neither
-    section is skipped as ``empty_report``, like any sample without text).
-
-    ``labels``: MedFILIP's structured label texts from the sample's stored ``entities``, into
-    ``meta[LABEL_TEXTS]`` (a sample stored without entities is skipped as ``no_entities``: build
-    the shards with ``--entities rules``).
+    ``texts`` and ``values``: the terms' declared readers (``hilum.trainer.objectives.base``
+    ``SampleText`` / ``SampleValue``), each run on the sample's json; what they return goes into
+    ``meta[DECLARED][name]`` and what they count into ``meta[DECLARED_COUNTS]``. A reader that
+    raises :class:`SampleError` skips the sample like any other bad input.
     """
 
     image_size: int
@@ -372,8 +374,8 @@ class Preprocess:
     contrast: float = 0.0
     defer_jpeg: bool = False
     views: int = 1
-    findings: bool = False
-    labels: LabelSpec | None = None
+    texts: tuple[Any, ...] = ()
+    values: tuple[Any, ...] = ()
 
     @property
     def augment_spec(self) -> AugmentSpec:
@@ -396,15 +398,17 @@ class Preprocess:
         if not text:
             raise SampleError("empty_report", f"sample {key}: no {self.text} text")
         meta["__key__"] = key
-        if self.labels is not None:
-            entities = meta.get("entities")
-            if not isinstance(entities, list):
-                raise SampleError("no_entities", f"sample {key}: no 'entities' list in its json (shards build --entities rules)")
-            meta[LABEL_TEXTS], meta[LABELS_CUT] = image_labels(entities, self.labels)
-        if self.findings:
-            findings = report_text(meta, "findings")
-            meta[FINDINGS_TEXT] = findings or report_text(meta, "impression") or text
-            meta[FINDINGS_FILLED] = not findings
+        if self.texts or self.values:
+            declared, counts = meta.setdefault(DECLARED, {}), meta.setdefault(DECLARED_COUNTS, {})
+            for reader in self.texts:
+                declared[reader.name], counted = reader.read(meta, text)
+                for what, n in counted.items():
+                    counts[what] = counts.get(what, 0) + n
+            for reader in self.values:
+                try:
+                    declared[reader.name] = float(reader.read(meta, text))
+                except (TypeError, ValueError, KeyError) as err:
+                    raise SampleError(f"bad_{reader.name}", f"sample {key}: {reader.name}: {type(err).__name__}: {err}") from None
         data = raw[ext]
         size = _jpeg_header(data, key) if self.defer_jpeg else None
         spec = self.augment_spec
@@ -544,25 +548,31 @@ class ShardStream(IterableDataset):
             yield batch
 
     def tokenize_extra(self, metas: list[dict[str, Any]]) -> dict[str, Any]:
-        """Texts beyond the main one that the objectives asked for, and ``_filled``: how many
-        samples were used with a stand-in or a cut (counted, printed at each epoch's end)."""
+        """The declared texts, tokenized, and values, batched (every tensor of a batch is
+        per-sample, the batch on its first axis), and ``_filled``: how many samples the readers
+        used with a stand-in or a cut (counted, printed at each epoch's end)."""
         out: dict[str, Any] = {}
-        filled: dict[str, int] = {}
-        if self.preprocess.findings:  # the FINDINGS (a report without them lends its IMPRESSION)
-            tokens = self.tokenize([m[FINDINGS_TEXT] for m in metas])
-            out.update(findings_input_ids=tokens["input_ids"], findings_attention_mask=tokens["attention_mask"])
-            filled["findings_from_impression"] = sum(bool(m[FINDINGS_FILLED]) for m in metas)
-        if self.preprocess.labels is not None:  # (B, K, T) label tokens, (B, K) filled slots
-            k = self.preprocess.labels.max_labels
-            texts = [m[LABEL_TEXTS] + [""] * (k - len(m[LABEL_TEXTS])) for m in metas]
+        filled: Counter[str] = Counter()
+        for reader in self.preprocess.texts:
+            got = [m[DECLARED][reader.name] for m in metas]
+            if reader.per_sample == 1:
+                tokens = self.tokenize(got)
+                out.update({f"{reader.name}_input_ids": tokens["input_ids"],
+                            f"{reader.name}_attention_mask": tokens["attention_mask"]})
+                continue
+            k = reader.per_sample  # (B, K, T) tokens, (B, K) filled slots
+            texts = [row + [""] * (k - len(row)) for row in got]
             tokens = self.tokenize([t for row in texts for t in row])
             shape = (len(metas), k, -1)
-            out.update(label_input_ids=tokens["input_ids"].reshape(shape),
-                       label_attention_mask=tokens["attention_mask"].reshape(shape),
-                       label_valid=torch.tensor([[bool(t) for t in row] for row in texts]))
-            filled["labels_beyond_max_labels_dropped"] = sum(m[LABELS_CUT] for m in metas)
-        if filled:
-            out["_filled"] = filled
+            out.update({f"{reader.name}_input_ids": tokens["input_ids"].reshape(shape),
+                        f"{reader.name}_attention_mask": tokens["attention_mask"].reshape(shape),
+                        f"{reader.name}_valid": torch.tensor([[bool(t) for t in row] for row in texts])})
+        for reader in self.preprocess.values:
+            out[reader.name] = torch.tensor([m[DECLARED][reader.name] for m in metas], dtype=torch.float32)
+        for m in metas:
+            filled.update(m.get(DECLARED_COUNTS, {}))
+        if self.preprocess.texts or self.preprocess.values:
+            out["_filled"] = dict(filled)
         return out
 
     def _raw(self, order: list[int], start: int, stop: int, slot: int, epoch: int,

@@ -1,32 +1,19 @@
-"""The CLIP-style dual encoder: towers, linear projections into a shared space, a learnable temperature."""
+"""The CLIP-style dual encoder: towers, linear projections into a shared space, a learnable
+temperature, and the parts that the configured methods add (``hilum.trainer.models.parts``)."""
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import NamedTuple
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilum.trainer.models.hierarchy import HierarchicalAggregator, tower_levels
-from hilum.trainer.models.towers import TextTower, build_image_tower
+from hilum.trainer.models.parts import ForwardContext, ModelOutput, ModelPart
+from hilum.trainer.models.towers import TextTower, TowerRequest, build_image_tower, image_tower_outputs
 
-
-class Embeddings(NamedTuple):
-    image: torch.Tensor  # (B, E), unit norm
-    text: torch.Tensor  # (B, E), unit norm
-    logit_scale: torch.Tensor  # scalar: log inverse temperature, clamped
-    text_pooled: torch.Tensor | None = None  # frozen text tower's output, reusable (GradCache)
-    image_aug: torch.Tensor | None = None  # divergence image encoder on the augmented view (no grad)
-    text_aug: torch.Tensor | None = None  # divergence text encoder on the same report (no grad)
-    report_embedding: torch.Tensor | None = None  # the text tower's pooled output, detached (IMITATE's R)
-    # Further unit-norm features that carry a graph, by name (IMITATE: image_multi = z_v,m of the
-    # first view; image_2 / image_multi_2 = z_v,h / z_v,m of the second view; findings = z_t,F).
-    features: dict[str, torch.Tensor] | None = None
-    findings_pooled: torch.Tensor | None = None  # frozen text tower's findings output, reusable (GradCache)
-    findings_embedding: torch.Tensor | None = None  # the findings' pooled output, detached (R of the F terms)
+PartFactory = Callable[["DualEncoder"], ModelPart]
 
 
 class DualEncoder(nn.Module):
@@ -51,57 +38,23 @@ class DualEncoder(nn.Module):
         self.channels_last = False  # build_model sets it from the config
         if freeze_text:
             self.text_tower.requires_grad_(False)
+        # The methods' modules, by the key their factory was declared under; registered last, so
+        # a model without parts has the parameters (and their order) of a plain CLIP model.
+        self.parts = nn.ModuleDict()
 
-    # MLIP's divergence encoders ------------------------------------------------------------------
+    def add_parts(self, factories: Mapping[str, PartFactory]) -> None:
+        """Build and register the declared parts, in order, each key once (two terms of one method
+        may declare the same part). Before the engine is built, so ZeRO partitions them too."""
+        for key, factory in factories.items():
+            if key not in self.parts:
+                self.parts[key] = factory(self)
 
-    @property
-    def has_divergence(self) -> bool:
-        return hasattr(self, "divergence_image")
-
-    def add_divergence_encoders(self) -> None:
-        """Copies of each tower with its projection, trained by no optimizer: a moving average of
-        the encoders (``hilum.trainer.divergence``). Added before the engine is built, so ZeRO-3
-        partitions them like any other parameter."""
-        self.divergence_image = nn.ModuleDict({"tower": copy.deepcopy(self.image_tower), "proj": copy.deepcopy(self.image_proj)})
-        self.divergence_text = nn.ModuleDict({"tower": copy.deepcopy(self.text_tower), "proj": copy.deepcopy(self.text_proj)})
-        self.divergence_image.requires_grad_(False)
-        self.divergence_text.requires_grad_(False)
-
-    def divergence_pairs(self) -> dict[str, tuple[nn.Module, nn.Module]]:
-        """(encoder, divergence encoder) per tower, with matching parameter names."""
-        return {
-            "image": (nn.ModuleDict({"tower": self.image_tower, "proj": self.image_proj}), self.divergence_image),
-            "text": (nn.ModuleDict({"tower": self.text_tower, "proj": self.text_proj}), self.divergence_text),
-        }
-
-    @torch.no_grad()
-    def encode_divergence(
-        self, image_aug: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MLIP Eq. 6: v_aug = o_v(x_rt) on the randomly transformed view, t_aug = o_t(y) on the report."""
-        image = self.divergence_image["proj"](self.divergence_image["tower"](image_aug))
-        text = self.divergence_text["proj"](self.divergence_text["tower"](input_ids, attention_mask))
-        return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-
-    # IMITATE's multi-level visual feature ------------------------------------------------------------
-
-    @property
-    def has_hierarchy(self) -> bool:
-        return hasattr(self, "hierarchy")
-
-    def add_hierarchy(self, cfg) -> None:  # noqa: ANN001 - hilum.launch.config.MultiLevelSection
-        """The aggregation block P(·) over the image tower's levels and its projection (z_v,m)."""
-        self.hierarchy = HierarchicalAggregator(self.image_tower, cfg.levels, cfg.grid, cfg.dim, cfg.heads, cfg.depth,
-                                                cfg.drop_shallowest, cfg.drop_others)
-        self.multi_proj = nn.Linear(self.hierarchy.num_features, self.image_proj.out_features, bias=False)
-
-    def encode_image_levels(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z_v,h, z_v,m) from one pass of the image tower."""
-        pooled, maps = tower_levels(self.image_tower, image, self.hierarchy.indices)
-        high = F.normalize(self.image_proj(pooled), dim=-1)
-        return high, F.normalize(self.multi_proj(self.hierarchy(maps)), dim=-1)
-
-    # ----------------------------------------------------------------------------------------------
+    def requests(self) -> tuple[TowerRequest, TowerRequest]:
+        """What the parts need from the main image and text passes, merged."""
+        image, text = TowerRequest(), TowerRequest()
+        for part in self.parts.values():
+            image, text = image.merge(part.image_request), text.merge(part.text_request)
+        return image, text
 
     def layout(self, image: torch.Tensor | None) -> torch.Tensor | None:
         """Images in channels-last (NHWC) memory on CUDA when configured: cuDNN's native layout for
@@ -122,79 +75,73 @@ class DualEncoder(nn.Module):
                 return self.text_tower(input_ids, attention_mask)
         return self.text_tower(input_ids, attention_mask)
 
-    def encode_labels(self, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B, K, E) unit features of the filled label slots, zeros in the empty ones (only the
-        filled slots run through the tower)."""
-        b, k, t = ids.shape
-        flat = valid.reshape(-1).bool()
-        out = self.text_proj.weight.new_zeros(b * k, self.text_proj.out_features)
-        if flat.any():
-            pooled = self.text_features(ids.reshape(-1, t)[flat], mask.reshape(-1, t)[flat])
-            out = out.index_put((flat.nonzero().squeeze(1),), F.normalize(self.text_proj(pooled), dim=-1).to(out.dtype))
-        return out.reshape(b, k, -1)
-
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_features(input_ids, attention_mask)), dim=-1)
 
-    def forward(
-        self,
-        image: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        text_pooled: torch.Tensor | None = None,
-        image_aug: torch.Tensor | None = None,
-        image_view2: torch.Tensor | None = None,
-        findings_ids: torch.Tensor | None = None,
-        findings_mask: torch.Tensor | None = None,
-        findings_pooled: torch.Tensor | None = None,
-        label_ids: torch.Tensor | None = None,
-        label_mask: torch.Tensor | None = None,
-        label_valid: torch.Tensor | None = None,
-    ) -> Embeddings:
-        """``text_pooled``: a frozen text tower's output from an earlier pass over the same batch,
-        so GradCache's second pass skips that tower (``findings_pooled`` likewise). ``image_aug``:
-        the augmented view for the divergence encoders (when the model has them), which run last
-        and without a graph. ``image_view2``: a second view through the trained image encoder;
-        ``findings_ids``/``findings_mask``: the FINDINGS section, through the text tower (IMITATE).
-        ``label_ids``/``label_mask`` (B, K, T) with ``label_valid`` (B, K): each image's structured
-        label texts (MedFILIP), through the text tower; empty slots give zero vectors."""
-        image, image_aug, image_view2 = (self.layout(x) for x in (image, image_aug, image_view2))
+    def image_pass(self, image: torch.Tensor, request: TowerRequest = TowerRequest()) -> dict[str, Any]:
+        """One pass of the image tower: ``pooled`` and what ``request`` asks for (towers.py)."""
+        return image_tower_outputs(self.image_tower, self.layout(image), request)
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(pooled), dim=-1)
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  request: TowerRequest = TowerRequest()) -> dict[str, Any]:
+        """One pass of the text tower (without a graph when frozen): ``pooled`` and what
+        ``request`` asks for."""
+        if request == TowerRequest():
+            return {"pooled": self.text_features(input_ids, attention_mask)}
+        if self.freeze_text:
+            with torch.no_grad():
+                self.text_tower.eval()
+                return self.text_tower.outputs(input_ids, attention_mask, request)
+        return self.text_tower.outputs(input_ids, attention_mask, request)
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], reuse: Mapping[str, Any] | None = None,
+                with_parts: bool = True) -> ModelOutput:
+        """The named outputs for a batch of per-sample ``inputs`` (see ``ForwardContext``).
+
+        Always ``logit_scale``; with texts (``input_ids``, ``attention_mask``) ``text`` (unit norm)
+        and ``text_pooled`` (the tower's output, before the projection); with images (``image``)
+        ``image`` and ``image_pooled``; then every part's outputs, in the order the parts were
+        added. ``reuse``: the ``reusable`` of an earlier forward over the same inputs (GradCache's
+        replay), whose graph-less results are taken instead of computed again. ``with_parts=False``:
+        the towers' features only, as evaluation and export use them (through the forward, so that
+        ZeRO-3 gathers the parameters as in training)."""
         # Clamping in the forward (rather than in place after the step, as open_clip does) keeps
         # the parameter untouched, which matters when ZeRO-3 owns its storage.
-        scale = self.logit_scale.clamp(max=self.max_log_scale)[0]
-        if text_pooled is None:
-            text_pooled = self.text_features(input_ids, attention_mask)
-        text = F.normalize(self.text_proj(text_pooled), dim=-1)
-        features: dict[str, torch.Tensor] = {}
-        if self.has_hierarchy:
-            image, features["image_multi"] = self.encode_image_levels(image)
-            if image_view2 is not None:
-                features["image_2"], features["image_multi_2"] = self.encode_image_levels(image_view2)
-        else:
-            image = self.encode_image(image)
-            if image_view2 is not None:
-                features["image_2"] = self.encode_image(image_view2)
-        if findings_pooled is None and findings_ids is not None:
-            findings_pooled = self.text_features(findings_ids, findings_mask)
-        if findings_pooled is not None:
-            features["findings"] = F.normalize(self.text_proj(findings_pooled), dim=-1)
-        if label_ids is not None:
-            features["labels"] = self.encode_labels(label_ids, label_mask, label_valid)
-        image_div = text_div = None
-        if image_aug is not None:
-            if not self.has_divergence:
-                raise ValueError("image_aug given but the model has no divergence encoders")
-            image_div, text_div = self.encode_divergence(image_aug, input_ids, attention_mask)
-        return Embeddings(image, text, scale, text_pooled if self.freeze_text else None, image_div, text_div,
-                          text_pooled.detach(), features,
-                          findings_pooled if self.freeze_text else None,
-                          findings_pooled.detach() if findings_pooled is not None else None)
+        out = ModelOutput(logit_scale=self.logit_scale.clamp(max=self.max_log_scale)[0])
+        ctx = ForwardContext(self, inputs, reuse or {}, out)
+        image_request, text_request = self.requests() if with_parts else (TowerRequest(), TowerRequest())
+        if "input_ids" in inputs:
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            if self.freeze_text and text_request == TowerRequest():
+                # A frozen tower's output has no graph: GradCache's replay takes the first pass's.
+                ctx.text = {"pooled": ctx.reusable("text_pooled", lambda: self.text_features(ids, mask))}
+            else:
+                ctx.text = self.text_pass(ids, mask, text_request)
+            out["text"] = self.project_text(ctx.text["pooled"])
+            out["text_pooled"] = ctx.text["pooled"]
+        if "image" in inputs:
+            ctx.image = self.image_pass(inputs["image"], image_request)
+            out["image"] = self.project_image(ctx.image["pooled"])
+            out["image_pooled"] = ctx.image["pooled"]
+        for key, part in (self.parts.items() if with_parts else ()):
+            produced = part(ctx)
+            clash = sorted(set(produced) & set(out))
+            if clash:
+                raise ValueError(f"model part {key!r} returns {clash}, which another part or the model already produced")
+            out.update(produced)
+        return out
 
 
-def build_model(model_cfg, in_chans: int, vocab_size: int, divergence: bool = False,  # noqa: ANN001 - ModelSection
-                multi_level: bool = False, text_config: dict | None = None, text_pooler: bool = False) -> DualEncoder:
-    """Build the dual encoder from the ``model`` config section, with the parts the objectives
-    need (MLIP's divergence encoders, IMITATE's multi-level block). ``text_config`` (a full
+def build_model(model_cfg, in_chans: int, vocab_size: int, parts: Mapping[str, PartFactory] | None = None,  # noqa: ANN001
+                text_config: dict | None = None, text_pooler: bool = False) -> DualEncoder:
+    """Build the dual encoder from the ``model`` config section, with the ``parts`` the
+    objectives declare (``hilum.trainer.objectives.model_parts``). ``text_config`` (a full
     transformers config) builds an exported model's architecture without any weight file: the
     caller loads the whole state dict next."""
     if text_config is not None:
@@ -212,8 +159,5 @@ def build_model(model_cfg, in_chans: int, vocab_size: int, divergence: bool = Fa
         freeze_text=model_cfg.text.freeze,
     )
     model.channels_last = model_cfg.image.channels_last
-    if divergence:
-        model.add_divergence_encoders()
-    if multi_level:
-        model.add_hierarchy(model_cfg.image.multi_level)
+    model.add_parts(parts or {})
     return model

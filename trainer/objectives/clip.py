@@ -31,7 +31,7 @@ class ClipObjective(Objective):
     config: ClipConfig
 
     def forward(self, inputs: ObjectiveInputs) -> torch.Tensor:
-        img, txt = inputs.image_features, inputs.text_features
+        img, txt = inputs["image"], inputs["text"]
         if self.config.gather:
             return infonce_loss_distributed(img, txt, inputs.logit_scale, grad_reduction="data_parallel",
                                             impl=self.config.impl)

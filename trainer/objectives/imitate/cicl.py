@@ -12,7 +12,7 @@ InfoNCE kernel from the O(B) embeddings — no B×B tensor at any batch size.
 Choices where the paper is open (configurable where it matters):
 
 * Which embedding defines R (``embedding``): ``report`` (default) is the text tower's pooled
-  output — the frozen tower's, when ``model.text.freeze`` as in IMITATE (the authors' code uses
+  output (the model's ``text_pooled``) — the frozen tower's, when ``model.text.freeze`` as in IMITATE (the authors' code uses
   the frozen encoder's [CLS] output); ``text_features`` is the projected, normalised text feature.
   Either way it carries no gradient.
 * How W becomes targets: the kernel's convention — image→text rows normalised to sum to 1,
@@ -70,12 +70,11 @@ class CiclConfig(CorrelationTargetsConfig):
 class CiclObjective(Objective):
     config: CiclConfig
 
+    def __init__(self, config: CiclConfig) -> None:
+        super().__init__(config)
+        self.reads = ("image", "text", "text_pooled") if config.embedding == "report" else ("image", "text")
+
     def forward(self, inputs: ObjectiveInputs) -> torch.Tensor:
-        if self.config.embedding == "report":
-            embedding = inputs.extras.get("report_embedding")
-            if embedding is None:
-                raise ValueError("the cicl term needs the text tower's pooled output (extras['report_embedding'])")
-        else:
-            embedding = inputs.text_features
+        embedding = inputs["text_pooled" if self.config.embedding == "report" else "text"]
         c = self.config
-        return c.loss(inputs.image_features, inputs.text_features, inputs.logit_scale, c.targets(embedding))
+        return c.loss(inputs["image"], inputs["text"], inputs.logit_scale, c.targets(embedding))

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from hilum.trainer.data.entities import CATEGORIES, canonical_category, load_knowledge, structured_label
 
 NO_FINDING = "no finding"
-LABEL_TEXTS, LABELS_CUT = "_labels", "_labels_cut"  # where a sample's meta holds its label texts, and how many were cut
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,30 @@ def image_labels(entities: list[dict[str, Any]], spec: LabelSpec) -> tuple[list[
     if not texts:
         texts = [structured_label({"category": NO_FINDING}, spec.knowledge)]
     return texts[: spec.max_labels], max(0, len(texts) - spec.max_labels)
+
+
+@dataclass(frozen=True)
+class LabelTexts:
+    """MedFILIP's structured label texts as a declared per-sample text (up to ``max_labels`` each,
+    batched as ``label_input_ids`` (B, K, T) with ``label_valid``). A sample stored without
+    entities is skipped as ``no_entities``: build the shards with ``--entities rules``."""
+
+    spec: LabelSpec
+    name: str = "label"
+
+    @property
+    def per_sample(self) -> int:
+        return self.spec.max_labels
+
+    def read(self, meta: dict[str, Any], text: str) -> tuple[list[str], dict[str, int]]:
+        from hilum.trainer.data.stream import SampleError
+
+        entities = meta.get("entities")
+        if not isinstance(entities, list):
+            raise SampleError("no_entities", f"sample {meta.get('__key__', '?')}: no 'entities' list in its json "
+                                             "(shards build --entities rules)")
+        texts, cut = image_labels(entities, self.spec)
+        return texts, {"labels_beyond_max_labels_dropped": cut}
 
 
 def label_category(text: str) -> str:

@@ -2,7 +2,7 @@
 
 Each image is seen in two augmented views; the image tower gives a high-level feature z_v,h (its
 pooled output) and a multi-level feature z_v,m (its stages aggregated by self-attention,
-``hilum.trainer.models.hierarchy``) for each view; the text tower — frozen by default in IMITATE —
+``hierarchy``, this method's part of the model) for each view; the text tower — frozen by default in IMITATE —
 encodes the IMPRESSION (z_t,I, the run's main text) and the FINDINGS (z_t,F) separately. The loss
 is the paper's six clinical-informed contrastive terms (§III-E):
 
@@ -30,13 +30,17 @@ Choices where the paper is open:
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from hilum.trainer.objectives.base import Objective, ObjectiveInputs, register_objective
-from hilum.trainer.objectives.cicl import CorrelationTargetsConfig
+from hilum.trainer.data.stream import report_text
+from hilum.trainer.models.parts import EncodedTexts
+from hilum.trainer.objectives.base import DataNeeds, Objective, ObjectiveInputs, register_objective
+from hilum.trainer.objectives.imitate.cicl import CorrelationTargetsConfig
+from hilum.trainer.objectives.imitate.hierarchy import MultiLevelConfig, MultiLevelImage
 
 
 class ImitateConfig(CorrelationTargetsConfig):
@@ -44,35 +48,52 @@ class ImitateConfig(CorrelationTargetsConfig):
     correlation: Literal["section", "report"] = Field(
         "section", description="R per section (impression terms / findings terms), or one R from both sections"
     )
+    multi_level: MultiLevelConfig = Field(default_factory=MultiLevelConfig, description="the aggregation block P(·)")
+
+    def check(self, config: Any) -> None:
+        if config.data.text != "impression":
+            raise ValueError(f"objective 'imitate' aligns images with the IMPRESSION and the FINDINGS separately: set "
+                             f"data.text to 'impression' (it is {config.data.text!r}); the findings are read as well")
 
 
-REQUIRED = ("image_multi", "image_2", "image_multi_2", "findings", "findings_embedding", "report_embedding")
+@dataclass(frozen=True)
+class FindingsText:
+    """The FINDINGS section as a second text; a report without one lends its IMPRESSION (counted
+    as ``findings_from_impression``: a report with neither is skipped as ``empty_report``)."""
+
+    name: str = "findings"
+    per_sample: int = 1
+
+    def read(self, meta: dict[str, Any], text: str) -> tuple[str, dict[str, int]]:
+        findings = report_text(meta, "findings")
+        return findings or report_text(meta, "impression") or text, {"findings_from_impression": int(not findings)}
 
 
 @register_objective("imitate", ImitateConfig)
 class ImitateObjective(Objective):
     config: ImitateConfig
-    views = 2
-    second_view = True
-    multi_level = True
-    findings = True
+    reads = ("image", "text", "text_pooled", "image_multi", "image_2", "image_multi_2", "findings", "findings_pooled")
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(views=2, texts=(FindingsText(),))
+
+    def model_parts(self, model_cfg: Any) -> dict[str, Any]:
+        multi_level = self.config.multi_level
+        return {"imitate_multi_level": lambda model: MultiLevelImage(model, multi_level),
+                "findings": lambda model: EncodedTexts("findings")}
 
     def terms(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
         """The six terms by name (VL/VV branch, h/m level, view)."""
-        x = inputs.extras
-        missing = [k for k in REQUIRED if k not in x]
-        if missing:
-            raise ValueError(f"the imitate term needs {', '.join(missing)} from the model (multi-level block, second "
-                             "view, findings): is the worker built with this objective?")
+        x = inputs
         c = self.config
-        e_imp, e_find = x["report_embedding"], x["findings_embedding"]
+        e_imp, e_find = x["text_pooled"].detach(), x["findings_pooled"].detach()
         if c.correlation == "section":
             r_imp, r_find = c.targets(e_imp), c.targets(e_find)
         else:
             r_imp = r_find = c.targets(torch.cat([e_imp, e_find], dim=1))
         s = inputs.logit_scale
-        h1, h2, m1, m2 = inputs.image_features, x["image_2"], x["image_multi"], x["image_multi_2"]
-        z_i, z_f = inputs.text_features, x["findings"]
+        h1, h2, m1, m2 = x["image"], x["image_2"], x["image_multi"], x["image_multi_2"]
+        z_i, z_f = x["text"], x["findings"]
         return {
             "vl_h1": c.loss(h1, z_i, s, r_imp),
             "vl_m1": c.loss(m1, z_f, s, r_find),

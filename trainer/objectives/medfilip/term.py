@@ -2,7 +2,7 @@
 
 Each image carries c_i structured labels — "{severity} {location} {category}, where {category}
 is {explanation}", from the report's fine-grained entities and the knowledge dictionary
-(``hilum.trainer.labels``) — and the text side of the batch is the M = Σ c_i label texts of the global
+(``labels``) — and the text side of the batch is the M = Σ c_i label texts of the global
 batch, encoded by the text tower. The label matrix is the semantic similarity matrix (Eq. 4–5):
 
     s_ij = max over image i's labels l_t of cos(E_sim(l_t), E_sim(l_j))
@@ -37,8 +37,10 @@ from pydantic import Field
 from hilum.kernels.infonce import infonce_loss
 from hilum.kernels.targets import LabelSimilarityTargets
 from hilum.trainer.data.entities import canonical_category, structured_label
-from hilum.trainer.labels import LABEL_TEXTS, BagOfWordsEncoder, LabelSpec, LabelVocabulary, ModelEncoder
-from hilum.trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
+from hilum.trainer.data.stream import declared_texts
+from hilum.trainer.models.parts import EncodedTexts
+from hilum.trainer.objectives.base import DataNeeds, Objective, ObjectiveInputs, TermConfig, register_objective
+from hilum.trainer.objectives.medfilip.labels import BagOfWordsEncoder, LabelSpec, LabelTexts, LabelVocabulary, ModelEncoder
 
 
 class MedfilipConfig(TermConfig):
@@ -77,7 +79,7 @@ def semantic_mse(image: torch.Tensor, labels: torch.Tensor, label_index: torch.T
 @register_objective("medfilip", MedfilipConfig)
 class MedfilipObjective(Objective):
     config: MedfilipConfig
-    labels = True
+    reads = ("image", "labels")
 
     def __init__(self, config: MedfilipConfig) -> None:
         super().__init__(config)
@@ -85,9 +87,16 @@ class MedfilipObjective(Objective):
         encoder = ModelEncoder(config.similarity_model) if config.similarity_model else BagOfWordsEncoder()
         self.vocabulary = LabelVocabulary(encoder, same_category_only=config.form == "code")
 
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(texts=(LabelTexts(self.spec),))
+
+    def model_parts(self, model_cfg: Any) -> dict[str, Any]:
+        return {"label_texts": lambda model: EncodedTexts("label", output="labels")}
+
     def side_inputs(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         """The global batch's label vocabulary: this rank's (B, K) indices and the (V, V) table."""
-        index, similarity = self.vocabulary.prepare([m[LABEL_TEXTS] for m in batch["meta"]], self.config.max_labels, device)
+        texts = declared_texts(batch, "label")
+        index, similarity = self.vocabulary.prepare(texts, self.config.max_labels, device)
         return {"label_index": index, "label_similarity": similarity}
 
     def zero_shot_prompts(self, classes: list[str]) -> dict[str, list[str]]:
@@ -95,11 +104,8 @@ class MedfilipObjective(Objective):
         return {c: [structured_label({"category": canonical_category(c)}, self.spec.knowledge)] for c in classes}
 
     def forward(self, inputs: ObjectiveInputs) -> torch.Tensor:
-        x = inputs.extras
-        if "labels" not in x or "label_index" not in x:
-            raise ValueError("the medfilip term needs the label features and the label vocabulary (extras 'labels', "
-                             "'label_index'): is the worker built with this objective?")
-        image = inputs.gather(inputs.image_features)
+        x = inputs
+        image = inputs.gather(x["image"])
         labels = inputs.gather(x["labels"])  # (N, K, E), zeros in empty slots
         index = inputs.gather(x["label_index"])  # (N, K), -1 in empty slots
         filled = index >= 0

@@ -12,19 +12,23 @@ What "augmented" means here: v_aug is the image divergence encoder on a second, 
 augmented view of the image (random resized crop and intensity, as the first view; no flip),
 t_aug is the text divergence encoder on the same report — MLIP augments text only through the
 encoder, not by editing it. Neither carries a gradient; the encoders learn only through v and t.
-The divergence encoders themselves follow the encoders by Eq. 7 (``hilum.trainer.divergence``).
+The divergence encoders are this method's part of the model and follow the encoders by Eq. 7
+after every optimizer step (``encoders``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from hilum.kernels.infonce import infonce_loss
 from hilum.kernels.infonce_distributed import infonce_loss_distributed
-from hilum.trainer.objectives.base import Objective, ObjectiveInputs, TermConfig, register_objective
+from hilum.trainer.objectives.base import DataNeeds, Objective, ObjectiveInputs, TermConfig, register_objective
+from hilum.trainer.objectives.mlip.encoders import DivergenceCopies, DivergenceEncoders
+
+PART = "mlip_divergence"
 
 
 class DivergenceConfig(TermConfig):
@@ -36,8 +40,32 @@ class DivergenceConfig(TermConfig):
 @register_objective("divergence", DivergenceConfig)
 class DivergenceObjective(Objective):
     config: DivergenceConfig
-    views = 2  # the stream must give each sample a second augmented view
-    divergence_encoders = True
+    reads = ("image", "text", "image_aug", "text_aug")
+
+    def __init__(self, config: DivergenceConfig) -> None:
+        super().__init__(config)
+        self.encoders: DivergenceEncoders | None = None
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(views=2)  # x_rt: a second, independently augmented view of each image
+
+    def model_parts(self, model_cfg: Any) -> dict[str, Any]:
+        return {PART: DivergenceCopies}
+
+    def attach(self, model: torch.nn.Module, zero_config: dict[str, Any]) -> None:
+        self.encoders = DivergenceEncoders(model, model.parts[PART], zero_config)
+
+    def after_step(self, inputs: ObjectiveInputs) -> dict[str, float]:
+        """Eq. 7 for each tower, s from this step's features (collective); logged as s_image, s_text."""
+        weights = self.encoders.similarities(inputs["image"], inputs["text"], inputs["image_aug"], inputs["text_aug"])
+        self.encoders.update(weights)
+        return {f"s_{tower}": s for tower, s in weights.items()}
+
+    def train_state(self) -> dict[str, Any]:
+        return self.encoders.state_dict() if self.encoders is not None else {}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        self.encoders.load_state_dict(state)
 
     def _infonce(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, directions: str) -> torch.Tensor:
         if self.config.gather:
@@ -46,10 +74,7 @@ class DivergenceObjective(Objective):
         return infonce_loss(image, text, scale, impl=self.config.impl, directions=directions)
 
     def forward(self, inputs: ObjectiveInputs) -> torch.Tensor:
-        try:
-            image_aug, text_aug = inputs.extras["image_aug"], inputs.extras["text_aug"]
-        except KeyError:
-            raise ValueError("the divergence term needs the divergence encoders' features (image_aug, text_aug)") from None
-        v2a = self._infonce(inputs.image_features, text_aug.detach(), inputs.logit_scale, "image_to_text")
-        a2t = self._infonce(image_aug.detach(), inputs.text_features, inputs.logit_scale, "text_to_image")
+        image_aug, text_aug = inputs["image_aug"], inputs["text_aug"]
+        v2a = self._infonce(inputs["image"], text_aug.detach(), inputs.logit_scale, "image_to_text")
+        a2t = self._infonce(image_aug.detach(), inputs["text"], inputs.logit_scale, "text_to_image")
         return 0.5 * (v2a + a2t)
