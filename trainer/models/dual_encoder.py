@@ -39,7 +39,7 @@ class DualEncoder(nn.Module):
         if freeze_text:
             self.text_tower.requires_grad_(False)
         # The methods' modules, by the key their factory was declared under; registered last, so
-        # a model without parts has the parameters (and their order) of a plain CLIP model.
+        # a model without parts has the parameters (and their order) it had before parts existed.
         self.parts = nn.ModuleDict()
 
     def add_parts(self, factories: Mapping[str, PartFactory]) -> None:

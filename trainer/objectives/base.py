@@ -23,7 +23,7 @@ no edit in the core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -128,7 +128,7 @@ class Objective(nn.Module):
     """A term of the loss: an unweighted scalar from :class:`ObjectiveInputs`, and its declarations."""
 
     reads: tuple[str, ...] = ("image", "text")
-    chunk_local: ClassVar[bool] = False
+    chunk_local: bool = False  # a class attribute, or set per instance from the config
 
     def __init__(self, config: TermConfig) -> None:
         super().__init__()
