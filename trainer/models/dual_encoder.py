@@ -41,20 +41,17 @@ class DualEncoder(nn.Module):
         # The methods' modules, by the key their factory was declared under; registered last, so
         # a model without parts has the parameters (and their order) it had before parts existed.
         self.parts = nn.ModuleDict()
+        # What the parts need from the main image and text passes, merged (kept with the parts).
+        self.image_request, self.text_request = TowerRequest(), TowerRequest()
 
     def add_parts(self, factories: Mapping[str, PartFactory]) -> None:
         """Build and register the declared parts, in order, each key once (two terms of one method
         may declare the same part). Before the engine is built, so ZeRO partitions them too."""
         for key, factory in factories.items():
             if key not in self.parts:
-                self.parts[key] = factory(self)
-
-    def requests(self) -> tuple[TowerRequest, TowerRequest]:
-        """What the parts need from the main image and text passes, merged."""
-        image, text = TowerRequest(), TowerRequest()
-        for part in self.parts.values():
-            image, text = image.merge(part.image_request), text.merge(part.text_request)
-        return image, text
+                part = self.parts[key] = factory(self)
+                self.image_request = self.image_request.merge(part.image_request)
+                self.text_request = self.text_request.merge(part.text_request)
 
     def layout(self, image: torch.Tensor | None) -> torch.Tensor | None:
         """Images in channels-last (NHWC) memory on CUDA when configured: cuDNN's native layout for
@@ -64,19 +61,14 @@ class DualEncoder(nn.Module):
         return image
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.image_tower(image)), dim=-1)
+        return self.project_image(self.image_tower(image))
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text tower's pooled output (before the projection)."""
-        if self.freeze_text:
-            # A frozen tower needs no graph: its forward costs inference memory only.
-            with torch.no_grad():
-                self.text_tower.eval()
-                return self.text_tower(input_ids, attention_mask)
-        return self.text_tower(input_ids, attention_mask)
+        return self.text_pass(input_ids, attention_mask)["pooled"]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_features(input_ids, attention_mask)), dim=-1)
+        return self.project_text(self.text_features(input_ids, attention_mask))
 
     def image_pass(self, image: torch.Tensor, request: TowerRequest = TowerRequest()) -> dict[str, Any]:
         """One pass of the image tower: ``pooled`` and what ``request`` asks for (towers.py)."""
@@ -90,15 +82,18 @@ class DualEncoder(nn.Module):
 
     def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   request: TowerRequest = TowerRequest()) -> dict[str, Any]:
-        """One pass of the text tower (without a graph when frozen): ``pooled`` and what
-        ``request`` asks for."""
-        if request == TowerRequest():
-            return {"pooled": self.text_features(input_ids, attention_mask)}
+        """One pass of the text tower: ``pooled`` and what ``request`` asks for. A frozen tower
+        runs without a graph (inference memory only) and in evaluation mode."""
+        def run() -> dict[str, Any]:
+            if request == TowerRequest():
+                return {"pooled": self.text_tower(input_ids, attention_mask)}
+            return self.text_tower.outputs(input_ids, attention_mask, request)
+
         if self.freeze_text:
             with torch.no_grad():
                 self.text_tower.eval()
-                return self.text_tower.outputs(input_ids, attention_mask, request)
-        return self.text_tower.outputs(input_ids, attention_mask, request)
+                return run()
+        return run()
 
     def forward(self, inputs: Mapping[str, torch.Tensor], reuse: Mapping[str, Any] | None = None,
                 with_parts: bool = True) -> ModelOutput:
@@ -115,7 +110,7 @@ class DualEncoder(nn.Module):
         # the parameter untouched, which matters when ZeRO-3 owns its storage.
         out = ModelOutput(logit_scale=self.logit_scale.clamp(max=self.max_log_scale)[0])
         ctx = ForwardContext(self, inputs, reuse or {}, out)
-        image_request, text_request = self.requests() if with_parts else (TowerRequest(), TowerRequest())
+        image_request, text_request = (self.image_request, self.text_request) if with_parts else (TowerRequest(), TowerRequest())
         if "input_ids" in inputs:
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
             if self.freeze_text and text_request == TowerRequest():

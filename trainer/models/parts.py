@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hilum.trainer.models.towers import TowerRequest
@@ -102,11 +101,11 @@ class EncodedTexts(ModelPart):
         model = ctx.model
         if ids.dim() == 2:
             pooled = ctx.text_pooled(f"{self.name}_pooled", ids, mask)
-            return {self.output: F.normalize(model.text_proj(pooled), dim=-1), f"{self.output}_pooled": pooled}
+            return {self.output: model.project_text(pooled), f"{self.output}_pooled": pooled}
         b, k, t = ids.shape
         flat = ctx.inputs[f"{self.name}_valid"].reshape(-1).bool()
         out = model.text_proj.weight.new_zeros(b * k, model.text_proj.out_features)
         if flat.any():
             pooled = model.text_features(ids.reshape(-1, t)[flat], mask.reshape(-1, t)[flat])
-            out = out.index_put((flat.nonzero().squeeze(1),), F.normalize(model.text_proj(pooled), dim=-1).to(out.dtype))
+            out = out.index_put((flat.nonzero().squeeze(1),), model.project_text(pooled).to(out.dtype))
         return {self.output: out.reshape(b, k, -1)}
