@@ -113,7 +113,7 @@ def measure(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        values = train_step(w, batch)
+        values = train_step(w, batch).values
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / args.steps

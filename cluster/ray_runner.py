@@ -44,9 +44,9 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 # DS_ACCELERATOR is not here: hilum.trainer.engine sets it from the device it picks, before importing
 # DeepSpeed, whichever launcher started the worker.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-# Passed on to the workers when the launching environment sets them (see hilum.trainer.checkpoint.fault_drill
-# and hilum.monitoring.console).
-PASSED_ENV = ("HILUM_FAULT_DRILL", VERBOSE_ENV)
+# Passed on to the workers when the launching environment sets them (see hilum.trainer.checkpoint.fault_drill,
+# hilum.trainer.health.LossDrill and hilum.monitoring.console).
+PASSED_ENV = ("HILUM_FAULT_DRILL", "HILUM_LOSS_DRILL", VERBOSE_ENV)
 
 
 def worker_env() -> dict[str, str]:

@@ -459,6 +459,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hilum: {err}", file=sys.stderr)  # a missing table or a malformed CSV: no traceback needed
         return 2
+    except Exception as err:  # a worker stopped the run as diverged: exit 3, no traceback
+        from hilum.trainer.health import DIVERGED_EXIT_CODE, diverged_message
+
+        message = diverged_message(err)
+        if message is None:
+            raise
+        print(f"hilum: {message}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -169,6 +169,24 @@ class OptimSection(_Section):
     grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
 
 
+class HealthSection(_Section):
+    """Spike and collapse detection (hilum.trainer.health): each finding is a warning, a metric
+    (hilum_health_events) and a line in RUN_DIR/health_events.jsonl."""
+
+    enabled: bool = True
+    spike_deviations: float = Field(6.0, gt=0.0, description="a spike: the loss over its running median by this many "
+                                                             "robust deviations (1.4826 x MAD) ...")
+    spike_steps: int = Field(3, ge=1, description="... for this many consecutive steps")
+    spike_window: int = Field(100, ge=8, description="healthy steps the running median is taken over")
+    collapse_steps: int = Field(50, ge=1, description="steps a collapse sign must last before it is reported")
+    min_logit_scale: float = Field(1.0, ge=0.0, description="a collapse: exp(logit_scale) at or below this (logits "
+                                                            "that no longer separate pairs)")
+    chance_tolerance: float = Field(0.01, ge=0.0, description="a collapse: a term within this fraction of its "
+                                                              "chance level (ln N for InfoNCE) after warm-up")
+    min_embedding_variance: float = Field(0.01, ge=0.0, description="a collapse: the total variance of a batch's "
+                                                                    "unit-norm image or text embeddings below this")
+
+
 class TrainSection(_Section):
     max_steps: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
@@ -180,10 +198,22 @@ class TrainSection(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on CUDA, fp32 on CPU"
     )
+    max_bad_steps: int = Field(3, ge=1, description="consecutive steps with a non-finite loss or gradient norm "
+                                                    "(each skipped) before the run stops as diverged (exit code 3)")
+    rollback: bool = Field(False, description="on a loss spike, reload the last healthy checkpoint from before it, "
+                                              "skip the data that preceded the spike, and continue")
+    max_rollbacks: int = Field(3, ge=1, description="rollbacks before a run whose spikes keep coming back stops")
+    health: HealthSection = Field(default_factory=HealthSection)
     cudnn_benchmark: bool = Field(
         True, description="CUDA: let cuDNN time its convolution algorithms for each new input shape and keep the "
                           "fastest (batch shapes are fixed here); off under run.deterministic"
     )
+
+    @model_validator(mode="after")
+    def _rollback_needs_checkpoints(self) -> "TrainSection":
+        if self.rollback and self.checkpoint_every == 0:
+            raise ValueError("train.rollback needs checkpoints to roll back to: set train.checkpoint_every above 0")
+        return self
 
 
 class GradCacheSection(_Section):
@@ -218,6 +248,8 @@ class MonitoringSection(_Section):
     peak_tflops: float | None = Field(None, gt=0.0, description="the device's dense peak for MFU; None: from the built-in table (GPUs)")
     straggler_factor: float = Field(1.5, gt=1.0, description="a rank whose mean step time exceeds the job median by this factor is flagged")
     phase_timing: bool = Field(True, description="time forward/loss/backward/optimizer separately (synchronises CUDA at phase ends)")
+    module_grad_norms: bool = Field(True, description="at each log step, the gradient norm of each tower and part (under "
+                                                      "ZeRO a collective per parameter) and the update/weight ratio")
 
 
 class ZeroShotSection(_Section):

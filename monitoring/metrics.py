@@ -62,6 +62,18 @@ class WorkerMetrics:
         self.gradcache_chunks = Gauge("hilum_gradcache_chunks", "GradCache chunks per step (0: GradCache off)", LABELS, registry=r)
         self.straggler = Gauge("hilum_straggler", "1 when this rank's step time exceeds the job median by the configured factor",
                                LABELS, registry=r)
+        self.grad_norm = Gauge("hilum_grad_norm", "Gradient norm before clipping: part=global at every step; each tower "
+                               "and part at log steps (monitoring.module_grad_norms)", (*LABELS, "part"), registry=r)
+        self.update_ratio = Gauge("hilum_update_ratio", "Norm of the last logged optimizer update over the weights' norm",
+                                  LABELS, registry=r)
+        self.skipped_steps = Counter("hilum_skipped_steps", "Optimizer steps skipped (non-finite loss or gradients)",
+                                     LABELS, registry=r)
+        self.skipped_fraction = Gauge("hilum_skipped_step_fraction", "Skipped steps over steps since this process started",
+                                      LABELS, registry=r)
+        self.health_events = Counter("hilum_health_events", "Training health findings by kind (nonfinite, spike, "
+                                     "collapse, rollback)", (*LABELS, "kind"), registry=r)
+        self.embedding_variance = Gauge("hilum_embedding_variance", "Total variance of the batch's unit-norm embeddings "
+                                        "(near 0: collapse)", (*LABELS, "output"), registry=r)
         self.step_time_ratio = Gauge("hilum_step_time_vs_median", "This rank's mean step time over the job's median rank", LABELS,
                                      registry=r)
 
@@ -134,6 +146,22 @@ class WorkerMetrics:
             self.bad_samples.labels(**lab, reason=reason).inc(n)
         for name, value in (reported or {}).items():
             self.term_value.labels(**lab, name=name).set(value)
+
+    def observe_health(self, grad_norms: dict[str, float], skipped: bool, skipped_fraction: float,
+                       update_ratio: float | None, embedding_variance: dict[str, float]) -> None:
+        lab = self.labels
+        for part, value in grad_norms.items():
+            self.grad_norm.labels(**lab, part=part).set(value)
+        if skipped:
+            self.skipped_steps.labels(**lab).inc()
+        self.skipped_fraction.labels(**lab).set(skipped_fraction)
+        if update_ratio is not None:
+            self.update_ratio.labels(**lab).set(update_ratio)
+        for output, value in embedding_variance.items():
+            self.embedding_variance.labels(**lab, output=output).set(value)
+
+    def observe_event(self, kind: str) -> None:
+        self.health_events.labels(**self.labels, kind=kind).inc()
 
     def observe_straggler(self, ratio: float, flagged: bool) -> None:
         self.step_time_ratio.labels(**self.labels).set(ratio)

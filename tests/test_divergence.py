@@ -143,7 +143,7 @@ def _rank(rank, port, phantom_dir, run_root, stages):
         start = {tower: _full(tgt.parameters()) for tower, (_, tgt) in pairs.items()}
         history = []
         for step in range(STEPS):
-            values = train_step(w, _batch(rank, step, vocab))
+            values = train_step(w, _batch(rank, step, vocab)).values
             history.append(({tower: _full(src.parameters()) for tower, (src, _) in pairs.items()},
                             {tower: values[f"s_{tower}"] for tower in pairs}, values))
         final = {tower: _full(tgt.parameters()) for tower, (_, tgt) in pairs.items()}

@@ -81,19 +81,6 @@ def test_sigkill_after_checkpoint_then_resume_continues_at_next_step(phantom_dir
     assert latest_complete(run_dir).step == 14
 
 
-def test_zero3_local_launcher_resume_extends_run(phantom_dir, tmp_path):
-    raw = tiny_config(phantom_dir, tmp_path / "runs", train={"max_steps": 4, "checkpoint_every": 2, "zero_stage": 3},
-                      cluster={"launcher": "local"})
-    cfg = write_config(tmp_path / "c.yaml", raw)
-    hilum("train", "--config", str(cfg))
-    run_dir = tmp_path / "runs" / "t"
-    assert latest_complete(run_dir).step == 4
-    out = hilum("train", "--config", str(cfg), "--resume", "--set", "train.max_steps=6")
-    assert "continuing at step 5" in out.stderr
-    assert logged_steps(run_dir)[-2:] == [4, 6]
-    assert json.loads((run_dir / "eval.json").read_text())["step"] == 6
-
-
 def test_gradcache_run_learns_like_a_plain_run(phantom_dir, tmp_path):
     """Same data, seed and batch (16 per rank, 2 ranks) with and without GradCache (chunks of 6):
     the loss falls alike and held-out zero-shot accuracy ends within noise."""

@@ -180,7 +180,7 @@ def _bn_rank(rank, port, phantom_dir, run_root, queue):
         before = bn.running_mean.detach().float().clone()
         # The batch norm statistics to expect: each chunk (plain: the batch) once through the tower.
         reference = copy.deepcopy(w.engine.module.image_tower).train() if stage != 3 else None
-        values = train_step(w, batch)
+        values = train_step(w, batch).values
         optimizer = w.engine.optimizer
         accumulate = "fp32 (BF16_Optimizer)" if isinstance(optimizer, BF16_Optimizer) else str(optimizer.gradient_accumulation_dtype)
         # Every parameter that is a whole number of 16-byte units sits at a 16-byte boundary (cuBLAS's

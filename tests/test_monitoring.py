@@ -105,7 +105,8 @@ def test_dashboard_references_only_metrics_that_exist():
     used = {name for e in exprs for name in re.findall(r"\bhilum_[a-z_]+", e)}
     assert used and used <= exported_names(), used - exported_names()
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for needed in ("throughput", "mfu", "breakdown", "per-rank", "data wait", "memory", "loss", "bad samples"):
+    for needed in ("throughput", "mfu", "breakdown", "per-rank", "data wait", "memory", "loss", "bad samples",
+                   "gradient norm", "update/weight", "training health"):
         assert needed in titles, needed
 
 

@@ -65,6 +65,7 @@ class CheckpointInfo:
     step: int
     world_size: int
     saved_at: float
+    healthy: bool = True  # written while no loss spike or collapse was under way (hilum.trainer.health)
 
     @property
     def tag(self) -> str:
@@ -107,7 +108,7 @@ class CheckpointStore:
             except (ValueError, *PERMANENT):
                 continue
             out.append(CheckpointInfo(self.url_of(tag), int(m.group(1)), int(meta.get("world_size", 0)),
-                                      float(meta.get("saved_at", 0))))
+                                      float(meta.get("saved_at", 0)), bool(meta.get("healthy", True))))
         return sorted(out, key=lambda c: c.step)
 
     def latest_complete(self) -> CheckpointInfo | None:
@@ -231,9 +232,18 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def retired(found: list[CheckpointInfo], keep: int) -> list[CheckpointInfo]:
+    """What retention removes from ``found`` (oldest first): all but the newest ``keep``, and never
+    the newest healthy one, the checkpoint a rollback or a restart after a divergence needs."""
+    healthy = [c for c in found if c.healthy]
+    spare = {healthy[-1].step} if healthy else set()
+    return [c for c in found[:-keep] if c.step not in spare]
+
+
 def save(engine: Any, store: CheckpointStore, state: TrainState, rank: int, world_size: int, fingerprint: str,
-         keep: int) -> str:
-    """Save on every rank (collective). Returns the checkpoint's URL."""
+         keep: int, healthy: bool = True) -> str:
+    """Save on every rank (collective). Returns the checkpoint's URL. ``healthy``: whether a
+    rollback may return to it (the marker records it; retention keeps the newest such)."""
     tag = tag_for(state.step)
     if rank == 0:
         store.remove(tag)  # an incomplete leftover from a crash at this very step
@@ -257,8 +267,8 @@ def save(engine: Any, store: CheckpointStore, state: TrainState, rank: int, worl
     _barrier()  # every rank's files are stored
     if rank == 0:
         store.write_marker(tag, {"step": state.step, "world_size": world_size, "saved_at": time.time(),
-                                 "config_fingerprint": fingerprint})
-        for old in store.list_complete()[:-keep]:
+                                 "config_fingerprint": fingerprint, "healthy": healthy})
+        for old in retired(store.list_complete(), keep):
             store.remove(old.tag)
     _barrier()
     return store.url_of(tag)

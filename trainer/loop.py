@@ -9,7 +9,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
@@ -37,10 +37,24 @@ from hilum.trainer.data.stream import (
     short_batches_warning,
 )
 from hilum.trainer.data.text import Tokenize, worker_tokenizer_threads
-from hilum.trainer.distributed import WorkerInfo, all_gather_floats, all_reduce_mean, gather_with_grad, worker_info
+from hilum.trainer.distributed import WorkerInfo, all_gather_floats, gather_with_grad, worker_info
 from hilum.trainer.engine import build_engine, deepspeed_config, pick_device, pick_dtype
 from hilum.trainer.evaluate import evaluate
 from hilum.trainer.gradcache import gradcache_backward, num_chunks, to_device
+from hilum.trainer.health import (
+    DrilledLoss,
+    HealthEvent,
+    HealthMonitor,
+    LossDrill,
+    Observation,
+    StepGuard,
+    TrainingDiverged,
+    UpdateRatio,
+    embedding_variance,
+    grad_norms_by_module,
+    mean_over_ranks,
+    nonfinite_state,
+)
 from hilum.trainer.loss import WeightedLoss
 from hilum.trainer.models.dual_encoder import build_model
 from hilum.trainer.objectives import ObjectiveInputs, build_objectives, method_needs
@@ -90,13 +104,17 @@ class Worker:
     dtype: torch.dtype
     engine: Any
     objectives: torch.nn.ModuleDict  # the configured terms by name
-    loss: WeightedLoss
+    loss: WeightedLoss | DrilledLoss
     tokenize: Tokenize
     train_preprocess: Preprocess
     eval_preprocess: Preprocess
     metrics: Any  # monitoring.WorkerMetrics or None
     decoder: DeviceDecoder | None = None  # finishes batches whose JPEGs decode on the device
     store: checkpoint.CheckpointStore | None = None  # where this run's checkpoints live
+    guard: StepGuard | None = None  # takes or skips each optimizer step
+    health: HealthMonitor | None = None  # spikes and collapses
+    chance: dict[str, float] = field(default_factory=dict)  # the terms' values at chance
+    rollbacks: int = 0
 
     @property
     def run_dir(self) -> Path:
@@ -148,8 +166,14 @@ def build_worker(cfg: "HilumConfig") -> Worker:
         # Every run under output_dir in one folder: Prometheus's file_sd globs only the last path element.
         metrics.write_target(Path(cfg.run.output_dir) / "metrics_targets", f"{cfg.run.name}-rank{info.rank}.json")
         log.info("metrics at %s", url)
-    return Worker(cfg, info, device, dtype, engine, objectives, WeightedLoss(objectives, cfg.objectives, needs.cached),
-                  tokenize, train_pre, eval_pre, metrics, decoder, store=checkpoint.store_for(cfg))
+    loss: WeightedLoss | DrilledLoss = WeightedLoss(objectives, cfg.objectives, needs.cached)
+    if (drill := LossDrill.from_env()) is not None:  # a test-only fault point (trainer/health.py)
+        loss = DrilledLoss(loss, drill, info.rank)
+    chance = {name: level for name, o in objectives.items()
+              if (level := o.chance_loss(cfg.data.batch_size, info.world_size)) is not None}
+    return Worker(cfg, info, device, dtype, engine, objectives, loss, tokenize, train_pre, eval_pre, metrics, decoder,
+                  store=checkpoint.store_for(cfg), guard=StepGuard(cfg.train.max_bad_steps, loss_scaled=dtype == torch.float16),
+                  health=HealthMonitor(cfg.train.health), chance=chance)
 
 
 def prepare_batch(w: Worker, batch: Batch) -> Batch:
@@ -216,23 +240,61 @@ def step_backward(w: Worker, batch: dict[str, Any], timer: PhaseTimer = NO_TIMER
     return plain_backward(w, {k: to_device(v, w.device, w.dtype) for k, v in inputs.items()}, timer, side)
 
 
-def train_step(w: Worker, batch: dict[str, Any], timer: PhaseTimer = NO_TIMER) -> dict[str, float]:
-    """Forward, weighted objective terms, backward, optimizer step, the terms' after-step updates
-    (a method's moving averages). Returns each term's value, the loss, the temperature and whatever
-    the after-step updates report."""
+@dataclass
+class StepReport:
+    values: dict[str, float]  # each term, the loss, the temperature, what the after-step updates report
+    # the global gradient norm, skipped (0/1), the embeddings' variance; at detailed steps each
+    # module's gradient norm and the update/weight ratio
+    health: dict[str, float]
+    applied: bool
+
+
+def train_step(w: Worker, batch: dict[str, Any], timer: PhaseTimer = NO_TIMER, step: int = 0,
+               detail: bool = False) -> StepReport:
+    """Forward, weighted objective terms, backward, optimizer step (skipped on every rank when the
+    loss or gradients are not finite: trainer/health.py), the terms' after-step updates (a
+    method's moving averages, left alone on a skipped step). ``step``: the step this is (1-based);
+    ``detail``: also measure each module's gradient norm and the update/weight ratio (collectives,
+    for log steps). Raises TrainingDiverged after ``train.max_bad_steps`` skips in a row."""
+    if isinstance(w.loss, DrilledLoss):
+        w.loss.step = step
     total, terms, inputs = step_backward(w, batch, timer)
-    w.engine.step()
-    timer.mark("optimizer")
     values = {name: float(v) for name, v in terms.items()}
     values["loss"] = float(total)
     values["logit_scale"] = float(inputs.logit_scale.detach().exp())
-    reported: dict[str, float] = {}
-    for objective in w.objectives.values():
-        reported.update(objective.after_step(inputs))
-    if reported:
-        values.update(reported)
-        timer.mark("after_step")
-    return values
+    health: dict[str, float] = {}
+    if detail:
+        health.update({f"grad_norm/{k}": v for k, v in grad_norms_by_module(w.engine).items()})
+        ratio = UpdateRatio(w.engine, w.device)
+    outcome = w.guard.step(w.engine)
+    timer.mark("optimizer")
+    health["grad_norm"], health["skipped"] = outcome.grad_norm, float(not outcome.applied)
+    if detail and outcome.applied:
+        health["update_ratio"] = ratio.after()
+    for name in ("image", "text"):
+        if name in inputs:
+            health[f"embedding_variance/{name}"] = embedding_variance(inputs[name])
+    skipped = w.guard.count(step, outcome, values, w.device)
+    if skipped:
+        record_event(w, HealthEvent("nonfinite", step, skipped))
+    if outcome.applied:
+        reported: dict[str, float] = {}
+        for objective in w.objectives.values():
+            reported.update(objective.after_step(inputs))
+        if reported:
+            values.update(reported)
+            timer.mark("after_step")
+    return StepReport(values, health, outcome.applied)
+
+
+def record_event(w: Worker, event: HealthEvent) -> None:
+    """A health finding: a warning, a metric, and (rank 0) a line in RUN_DIR/health_events.jsonl."""
+    if w.metrics:
+        w.metrics.observe_event(event.kind)
+    if w.info.is_main:
+        log.warning("%s", event.message)
+        append_line(w.run_dir / "health_events.jsonl",
+                    {"kind": event.kind, "step": event.step, "time": time.time(), "message": event.message, **event.data})
 
 
 def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
@@ -274,12 +336,18 @@ def run_eval(w: Worker, step: int) -> dict[str, Any] | None:
 
 
 def save_checkpoint(w: Worker, state: TrainState) -> None:
+    """Save (collective), unless a weight or optimizer moment is not finite: then the run stops
+    and the previous checkpoints stay as they are."""
     t0 = time.perf_counter()
+    if bad := nonfinite_state(w.engine, w.device):
+        raise TrainingDiverged(f"step {state.step}: non-finite values in the weights or the optimizer state "
+                               f"({'; '.join(bad)}), so no checkpoint was written")
     kept = {name: s for name, o in w.objectives.items() if (s := o.train_state())}
     if kept:
         state.extra["objectives"] = kept
     url = checkpoint.save(
-        w.engine, w.store, state, w.info.rank, w.info.world_size, w.cfg.fingerprint(), w.cfg.train.keep_checkpoints
+        w.engine, w.store, state, w.info.rank, w.info.world_size, w.cfg.fingerprint(), w.cfg.train.keep_checkpoints,
+        healthy=w.health.healthy if w.health else True,
     )
     seconds = time.perf_counter() - t0
     if w.metrics:
@@ -297,6 +365,60 @@ def resume_state(w: Worker, ckpt: checkpoint.CheckpointInfo) -> TrainState:
     log.info("resumed from %s: continuing at step %d (epoch %d, batch %d)",
              redact_url(ckpt.url), state.step + 1, state.position.epoch, state.position.batch)
     return state
+
+
+def last_healthy_checkpoint(w: Worker) -> str:
+    found = [c for c in w.store.list_complete() if c.healthy]
+    return f"the last healthy checkpoint is {redact_url(found[-1].url)}" if found else "no healthy checkpoint exists"
+
+
+def observe_health(w: Worker, step: int, report: StepReport) -> tuple[dict[str, float], list[HealthEvent]]:
+    """The step's rank means (loss, terms, embedding variance: one small all-reduce) and what the
+    health monitor finds in them; every rank gets the same findings."""
+    names = ["loss", *(t.name for t in w.cfg.objectives)]
+    variance = sorted(k for k in report.health if k.startswith("embedding_variance/"))
+    means = dict(zip(names + variance, mean_over_ranks([report.values[k] for k in names] +
+                                                       [report.health[k] for k in variance], w.device)))
+    observation = Observation(step, means["loss"], report.values["logit_scale"], {k: means[k] for k in names[1:]},
+                              w.chance, {k.split("/", 1)[1]: means[k] for k in variance},
+                              past_warmup=step > w.cfg.optim.warmup_steps)
+    events = w.health.observe(observation)
+    for event in events:
+        record_event(w, event)
+    return means, events
+
+
+def roll_back(w: Worker, state: TrainState, spike: HealthEvent) -> bool:
+    """Reload the newest healthy checkpoint from before ``spike`` began (collective) and go on
+    with the data after the spike: the batches between that checkpoint and now are skipped, the
+    stream position saying exactly which. Later checkpoints (written as the spike built up) are
+    removed, so a restart cannot pick them. False when there is nothing to roll back to."""
+    onset = int(spike.data["onset"])
+    found = [c for c in w.store.list_complete() if c.healthy and c.step < onset]
+    # Rank 0's choice for every rank, as at resume.
+    target = int(all_gather_floats(found[-1].step if found else -1, w.device)[0])
+    at = state.step
+    if target < 0:
+        record_event(w, HealthEvent("rollback", at, f"no rollback: no healthy checkpoint from before step {onset}",
+                                    {"to_step": None}))
+        return False
+    w.rollbacks += 1
+    if w.rollbacks > w.cfg.train.max_rollbacks:
+        raise TrainingDiverged(f"loss spikes came back after {w.cfg.train.max_rollbacks} rollbacks (train.max_rollbacks); "
+                               f"the last at step {at}")
+    position = state.position
+    restored = resume_state(w, w.store.find(target))
+    if w.info.is_main:
+        for later in w.store.list_complete():
+            if later.step > target:
+                w.store.remove(later.tag)
+    state.step, state.extra, state.position = restored.step, restored.extra, position
+    w.health.spikes.reset()
+    record_event(w, HealthEvent("rollback", at, f"rolled back from step {at} to the checkpoint of step {target}; the "
+                                f"batches trained since (steps {target + 1}-{at}) are not trained on again",
+                                {"from_step": at, "to_step": target, "onset": onset, "epoch": position.epoch,
+                                 "batch": position.batch}))
+    return True
 
 
 class Progress:
@@ -348,9 +470,11 @@ class Progress:
             log.warning("straggler%s: %s (median step %.3fs, factor %.1f)", "s" if len(slow) > 1 else "",
                         ", ".join(f"rank {r} {times[r]:.3f}s" for r in slow), median, factor)
 
-    def step_done(self, state: TrainState, batch: dict[str, Any], values: dict[str, float],
+    def step_done(self, state: TrainState, batch: dict[str, Any], report: StepReport, means: dict[str, float],
                   data_seconds: float, step_seconds: float, phases: dict[str, float] | None = None) -> None:
+        """``means``: the step's rank means (loss, terms), the same on every rank."""
         w, cfg = self.w, self.w.cfg
+        values, health = report.values, report.health
         samples = len(batch["text"])
         self.window_samples += samples
         self.window_steps += 1
@@ -366,6 +490,10 @@ class Progress:
                                    batch["_skipped"], reported, phases=phases, tokens=int(batch["attention_mask"].sum()),
                                    flops_per_sample=self.flops_per_sample, peak_tflops=self.peak_tflops,
                                    memory=device_memory(w.device))
+            w.metrics.observe_health({"global" if k == "grad_norm" else k.split("/", 1)[1]: v for k, v in health.items()
+                                      if k.startswith("grad_norm")}, not report.applied, w.guard.skipped_fraction,
+                                     health.get("update_ratio"),
+                                     {k.split("/", 1)[1]: v for k, v in health.items() if k.startswith("embedding_variance/")})
         if state.step % cfg.train.log_every and state.step != cfg.train.max_steps:
             return
         self.check_stragglers()
@@ -373,13 +501,14 @@ class Progress:
             w.metrics.push(cfg.monitoring.pushgateway)
         elapsed = time.perf_counter() - self.window_start
         rate = self.window_samples / elapsed * w.info.world_size if elapsed > 0 else 0.0
-        loss = all_reduce_mean(values["loss"], w.device)  # collective: every rank logs at the same steps
+        loss = means["loss"]
         # The share of step time this rank spent waiting for data (and decoding it) over the window:
         # the figure that says whether the loader keeps up, steadier than the last step's wait.
         data_share = self.window_data_seconds / self.window_step_seconds if self.window_step_seconds > 0 else 0.0
         self.last = {"step": state.step, "time": time.time(), "epoch": state.position.epoch, "loss": loss, "samples_per_second": rate,
                      "samples_per_step": self.window_samples / max(1, self.window_steps), "data_wait_fraction": data_share, "lr": w.engine.get_lr()[0],
-                     **{k: v for k, v in values.items() if k != "loss"}}
+                     **{k: v for k, v in values.items() if k != "loss"}, **health,
+                     "skipped_fraction": w.guard.skipped_fraction}
         if self.window_phases:  # mean seconds per step of each phase over the window
             self.last["phase_seconds"] = {k: v / self.window_steps for k, v in self.window_phases.items()}
         if w.info.is_main:
@@ -387,8 +516,9 @@ class Progress:
             if reported:
                 terms += " | " + " ".join(f"{k} {v:.3f}" for k, v in reported.items())
             log.info("step %d/%d | loss %.4f | %s | %.0f samples/s | step %.3fs (data %.3fs, %.1f%% of the window) | "
-                     "lr %.2e | scale %.1f", state.step, cfg.train.max_steps, loss, terms, rate, step_seconds,
-                     data_seconds, 100 * data_share, self.last["lr"], values["logit_scale"])
+                     "lr %.2e | scale %.1f | grad norm %.3g%s", state.step, cfg.train.max_steps, loss, terms, rate,
+                     step_seconds, data_seconds, 100 * data_share, self.last["lr"], values["logit_scale"],
+                     health["grad_norm"], f" | {w.guard.skipped} steps skipped" if w.guard.skipped else "")
             with open(w.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(self.last) + "\n")
         self.restart_window()
@@ -454,7 +584,18 @@ def record_start(w: Worker, step: int) -> None:
 def run_steps(w: Worker, state: TrainState, batches: Iterator[Batch], progress: Progress, workers: int,
               report: Reporter | None) -> None:
     """Training steps from ``state`` until ``train.max_steps``, with the checkpoints and evaluations
-    they fall on; ``state`` advances in place (step, stream position)."""
+    they fall on; ``state`` advances in place (step, stream position). A run that diverges is recorded
+    with the checkpoint to restart from, and raised."""
+    try:
+        _run_steps(w, state, batches, progress, workers, report)
+    except TrainingDiverged as err:
+        message = f"{err}; {last_healthy_checkpoint(w)}"
+        record_event(w, HealthEvent("diverged", state.step + 1, message))
+        raise TrainingDiverged(message) from None
+
+
+def _run_steps(w: Worker, state: TrainState, batches: Iterator[Batch], progress: Progress, workers: int,
+               report: Reporter | None) -> None:
     cfg = w.cfg
     while state.step < cfg.train.max_steps:
         timer = PhaseTimer(w.device, enabled=w.metrics is not None and cfg.monitoring.phase_timing)
@@ -464,14 +605,21 @@ def run_steps(w: Worker, state: TrainState, batches: Iterator[Batch], progress: 
             progress.epoch_done(state.position.epoch)
         timer.mark("data")
         t_step = time.perf_counter()
-        values = train_step(w, batch, timer)
-        state.step += 1
+        step = state.step + 1
+        logs = step % cfg.train.log_every == 0 or step == cfg.train.max_steps
+        stepped = train_step(w, batch, timer, step, detail=logs and cfg.monitoring.module_grad_norms)
+        state.step = step
         if cfg.train.sample_log:
             append_line(w.run_dir / "samples" / f"rank{w.info.rank}.jsonl",
                         {"step": state.step, "epoch": batch["_epoch"], "keys": [m["__key__"] for m in batch["meta"]]})
         state.position = advance(state.position, batch, workers)
-        progress.step_done(state, batch, values, data_seconds=t_step - t_data, step_seconds=time.perf_counter() - t_data,
-                           phases=timer.phases)
+        means, events = observe_health(w, step, stepped)
+        progress.step_done(state, batch, stepped, means, data_seconds=t_step - t_data,
+                           step_seconds=time.perf_counter() - t_data, phases=timer.phases)
+        spike = next((e for e in events if e.kind == "spike"), None)
+        if spike and cfg.train.rollback and roll_back(w, state, spike):
+            progress.restart_window()
+            continue
 
         every = cfg.train.checkpoint_every
         if (every and state.step % every == 0) or state.step == cfg.train.max_steps:

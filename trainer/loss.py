@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from hilum.trainer.health import poisoned
 from hilum.trainer.objectives import ObjectiveInputs, TermConfig
 
 
@@ -28,7 +29,8 @@ class WeightedLoss:
         values = {t.name: self.objectives[t.name](inputs) for t in terms}
         if share != 1.0:
             values = {name: v * share for name, v in values.items()}
-        return sum(t.weight * values[t.name] for t in terms), values
+        # A non-finite total reaches every gradient as NaN, so the step is dropped (trainer/health.py).
+        return poisoned(sum(t.weight * values[t.name] for t in terms)), values
 
     def __call__(self, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Every term on one batch's outputs: the weighted total and each term."""

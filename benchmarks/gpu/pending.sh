@@ -35,6 +35,8 @@
 #              data_wait run from local disk (no moto server). Answered in session 11: its steps held
 #              205 samples, not 512 (820 training samples in 4 loader slots; each slot is batched apart)
 #   datafull   data_wait from S3 on 7 copies of the data set: slots of 1 435 samples, steps of 512, 512, 411
+#   health     issue 31: what the training-health checks cost per step on one GPU (tiny CLIP, batch 256,
+#              ZeRO 2): the step guard, the monitor's all-reduce, a log step's per-tower norms
 # Session 6 ran ONLY=anchor,plain,gcstage,data,data_wait (gcbest ran out of time); session 9
 # anchor,plain,gcbest,data,data_wait,gcdata (gcbest ran out of time again, with --phases; measured
 # in a second call without). Session 11 ran anchor,data,dataload,data_wait,datagap (581 s), then
@@ -206,4 +208,9 @@ if run gcdata; then
   timeout 120 python3 benchmarks/data_wait.py $GCWAIT --source s3 --cache /tmp/hilum-bench-data --out "$OUT/gcdata.jsonl" 2>&1 \
     | grep -E "step [0-9]+/|data_wait|Error|error" | quiet
   step gcdata
+fi
+if run health; then
+  timeout 120 python3 benchmarks/health_guard.py --ranks 1 --stage 2 --device cuda --batch 256 --out "$OUT/health.jsonl" 2>&1 \
+    | grep -E "^\{|Error|error" | cut -c1-600
+  step health
 fi

@@ -169,6 +169,11 @@ class Objective(nn.Module):
         """Class → prompts, when the term defines how classes are written (None: the default)."""
         return None
 
+    def chance_loss(self, batch_per_rank: int, world_size: int) -> float | None:
+        """The term's value when the model has learned nothing (uniform logits), if it has one:
+        a loss that sits there after warm-up is a collapse (``hilum.trainer.health``)."""
+        return None
+
 
 _C = TypeVar("_C", bound=type[Objective])
 _REGISTRY: dict[str, tuple[type[TermConfig], type[Objective]]] = {}

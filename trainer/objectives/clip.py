@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -36,3 +37,7 @@ class ClipObjective(Objective):
             return infonce_loss_distributed(img, txt, inputs.logit_scale, grad_reduction="data_parallel",
                                             impl=self.config.impl)
         return infonce_loss(img, txt, inputs.logit_scale, impl=self.config.impl)
+
+    def chance_loss(self, batch_per_rank: int, world_size: int) -> float | None:
+        """ln N for N candidates per row (each direction of the symmetric mean alike)."""
+        return math.log(batch_per_rank * (world_size if self.config.gather else 1))
